@@ -1,0 +1,1 @@
+"""ONNX export of the SigLIP encoder and the VQ decoder (fastjanus.export). Not built yet."""

@@ -1,0 +1,189 @@
+"""Reading the published weight files: single or sharded `.safetensors` / `.bin`, with a strict key and shape check.
+
+Tensors are read one at a time (safetensors lazily, `.bin` memory-mapped) and moved straight to the target device
+and dtype, so neither a full fp32 copy on the GPU nor a second full copy in host RAM is ever made.
+`.bin` files are only unpickled with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import CheckpointError, CheckpointNotFoundError
+
+# Search order when a directory holds several layouts.
+LAYOUTS = [
+    ("sharded-safetensors", "model.safetensors.index.json"),
+    ("safetensors", "model.safetensors"),
+    ("sharded-bin", "pytorch_model.bin.index.json"),
+    ("bin", "pytorch_model.bin"),
+]
+
+
+@dataclass
+class WeightFiles:
+    format: str  # one of the LAYOUTS names
+    files: list[Path]
+    index: Path | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def find_weights(model_dir: str | Path) -> WeightFiles:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointNotFoundError(f"{d}: not a directory; pass the folder that holds config.json and the weights")
+    for fmt, name in LAYOUTS:
+        p = d / name
+        if not p.is_file():
+            continue
+        if not fmt.startswith("sharded"):
+            return WeightFiles(fmt, [p])
+        try:
+            weight_map = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{p}: not a valid index file (need a JSON object with 'weight_map'): {e}") from None
+        files = [d / s for s in shard_names]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointNotFoundError(f"{f}: shard listed in {p.name} is missing; download it again")
+        return WeightFiles(fmt, files, p)
+    raise CheckpointNotFoundError(f"{d}: no weights found; expected one of {[n for _, n in LAYOUTS]}")
+
+
+# ------------------------------------------------------------------------------------------ readers
+def _bin_load(path: Path) -> dict:
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) torch.save format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to load: the file contains pickled objects other than tensors, and unpickling them "
+            f"could run arbitrary code. Re-save it as a plain state dict of tensors, or convert it to "
+            f".safetensors. ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch file ({str(e).splitlines()[0]}); "
+                              "download it again") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a dict of parameter name → tensor")
+    return sd
+
+
+# safetensors dtype codes → torch names, so both formats report dtypes alike
+_ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _Reader:
+    """Uniform access to one weight file: shapes/dtypes without reading data, then tensors one by one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.is_st = path.suffix == ".safetensors"
+        if self.is_st:
+            from safetensors import SafetensorError, safe_open
+            self._err = SafetensorError
+            try:
+                self._f = safe_open(str(path), framework="pt", device="cpu")
+                self.meta = {k: self._f.get_slice(k) for k in self._f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download it again") from None
+        else:
+            self._sd = _bin_load(path)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        if self.is_st:
+            return {k: (tuple(s.get_shape()), _ST_NAMES.get(s.get_dtype(), s.get_dtype())) for k, s in self.meta.items()}
+        return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in self._sd.items()}
+
+    def get(self, key: str, device) -> torch.Tensor:
+        if not self.is_st:
+            return self._sd[key]
+        try:
+            # safetensors can place the tensor on the GPU itself; the dtype cast then happens there.
+            return self._f.get_tensor(key) if str(device) == "cpu" else self._get_on(key, device)
+        except self._err as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e}); the file may be corrupt") from None
+
+    def _get_on(self, key, device):
+        from safetensors import safe_open
+        if getattr(self, "_dev_f", None) is None:
+            self._dev_f = safe_open(str(self.path), framework="pt", device=str(device))
+        return self._dev_f.get_tensor(key)
+
+
+def read_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """All tensors' (shape, dtype, file) without loading data (for .bin: memory-mapped)."""
+    out = {}
+    for f in files.files:
+        for k, (shape, dt) in _Reader(f).shapes().items():
+            out[k] = (shape, dt, f)
+    return out
+
+
+def check_keys(found: dict[str, tuple], expected: dict[str, tuple[int, ...]],
+               ignorable: Callable[[str], bool], where: str) -> None:
+    """Strict check: every expected key present with its shape; nothing unexpected beyond the known-unused."""
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected and not ignorable(k))
+    wrong = sorted(f"{k}: file {found[k][0]} vs model {expected[k]}" for k in expected
+                   if k in found and tuple(found[k][0]) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return
+
+    def show(items):
+        return "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} mis-shaped: {show(wrong)}")
+    raise CheckpointError(f"{where}: weights do not match config.json — " + " | ".join(parts) +
+                          ". Check that config.json belongs to these weights (official Janus layout).")
+
+
+def iter_tensors(files: WeightFiles, keys: set[str], device, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor on device in dtype) for the wanted keys, one file and one tensor at a time."""
+    for f in files.files:
+        r = _Reader(f)
+        for k in r.shapes():
+            if k in keys:
+                yield k, r.get(k, device).to(device=device, dtype=dtype)
+        del r
+
+
+def load_state_into(model: torch.nn.Module, model_dir: str | Path, device, dtype,
+                    ignorable: Callable[[str], bool], progress: bool = False) -> WeightFiles:
+    """Fill a model built on the meta device with the checkpoint's tensors (assigned, not copied)."""
+    files = find_weights(model_dir)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(read_shapes(files), expected, ignorable, str(Path(model_dir)))
+    it = iter_tensors(files, set(expected), device, dtype)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=len(expected), desc="loading weights", unit="tensor", leave=False)
+    for name, t in it:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(t, requires_grad=False))
+    still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
+    if still_meta:  # cannot happen after check_keys; kept as a guard against silent garbage
+        raise CheckpointError(f"{model_dir}: tensors not loaded: {still_meta[:5]}")
+    return files

@@ -1,0 +1,292 @@
+"""The user-facing pipeline: load a checkpoint, generate images, answer questions about images (plain torch)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import WeightFiles, load_state_into
+from ..config import JanusConfig
+from ..errors import ConfigError, InputError
+from ..image import preprocess, to_pil
+from ..models.janus import JanusModel, known_unused_key
+from ..tokenizer import JanusTokenizer
+from .sampling import cfg_mix, sample
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA when present (bf16 where supported, else fp16), otherwise CPU fp32; both overridable."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a valid torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return device, dtype
+
+
+def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if cfg_weight is not None and (not isinstance(cfg_weight, (int, float)) or cfg_weight < 0):
+        raise InputError(f"cfg_weight must be a number >= 0, got {cfg_weight!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+class JanusPipeline:
+    def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, device: torch.device, dtype: torch.dtype,
+                 weights: WeightFiles | None = None, path: Path | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.cfg: JanusConfig = model.cfg
+        self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
+        self.last_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _generator(self, seed: int | None) -> torch.Generator:
+        if seed is None:  # draws from torch's global RNG, so torch.manual_seed() also makes runs repeatable
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        if not isinstance(seed, int):
+            raise InputError(f"seed must be an integer or None, got {seed!r}")
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _check_context(self, length: int, extra: int, what: str) -> None:
+        limit = self.cfg.language.max_position_embeddings
+        if length + extra > limit:
+            raise InputError(f"{what} is {length} tokens; with the {extra} tokens to generate that exceeds the "
+                             f"model's context of {limit} positions. Shorten it.")
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -------------------------------------------------------------------------- text → image codes
+    def _image_prefill(self, prompt, num_images: int):
+        """Prefill the interleaved CFG batch. Returns (cache, last hidden [2N, D], next positions [2N], T)."""
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)):
+            prompts = list(prompt)
+            if not prompts:
+                raise InputError("prompt list is empty; pass at least one prompt")
+        else:
+            raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise InputError(f"prompt[{i}] must be a string, got {type(p).__name__}")
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
+        tk, n_tok = self.tokenizer, self.cfg.num_image_tokens
+        rows: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            ids = tk.generation_prompt(p)
+            self._check_context(len(ids), n_tok, f"prompt {i}" if len(prompts) > 1 else "the prompt")
+            # Unconditional row: every position but the first (BOS) and the last (<begin_of_image>) is pad.
+            uncond = [ids[0]] + [tk.pad_id] * (len(ids) - 2) + [ids[-1]]
+            rows += [ids, uncond] * num_images
+        R, T = len(rows), max(len(r) for r in rows)
+        tokens = torch.full((R, T), tk.pad_id, dtype=torch.long)
+        valid = torch.zeros(R, T, dtype=torch.bool)
+        for r, ids in enumerate(rows):  # left padding, masked out of attention
+            tokens[r, T - len(ids):] = torch.tensor(ids)
+            valid[r, T - len(ids):] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(1) - 1).clamp_(min=0)  # [R, T], 0 at each row's first real token
+        cache = self.model.new_cache(R, T + n_tok)
+        cache.valid[:, :T] = valid
+        h = self.model.llm(self.model.embed_text(tokens), positions, cache, 0)[:, -1]  # [R, D]
+        return cache, h, positions[:, -1] + 1, T
+
+    @torch.inference_mode()
+    def first_step_logits(self, prompt, num_images: int = 1, cfg_weight: float = 5.0) -> torch.Tensor:
+        """Guided logits of the first image token, [N, codebook] fp32 (for inspection and tests)."""
+        _check_sampling(1.0, None, None, cfg_weight)
+        _, h, _, _ = self._image_prefill(prompt, num_images)
+        return cfg_mix(self.model.gen_head(h), cfg_weight)
+
+    @torch.inference_mode()
+    def generate_image_tokens(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
+                              seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
+                              progress: bool = False) -> torch.LongTensor:
+        """Image codes [N, 576] (row-major 24×24 grid), N = len(prompts) × num_images, in prompt order."""
+        _check_sampling(temperature, top_k, top_p, cfg_weight)
+        gen = self._generator(seed)
+        m, n_tok = self.model, self.cfg.num_image_tokens
+        t0 = time.perf_counter()
+        cache, h, pos, T = self._image_prefill(prompt, num_images)
+        self._sync()
+        t1 = time.perf_counter()
+        codes = torch.empty(h.shape[0] // 2, n_tok, dtype=torch.long, device=self.device)
+        steps = range(n_tok)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="image tokens", unit="tok", leave=False)
+        for i in steps:
+            tok = sample(cfg_mix(m.gen_head(h), cfg_weight), temperature, gen, top_k, top_p)  # [N]
+            codes[:, i] = tok
+            if i == n_tok - 1:
+                break
+            slot = T + i
+            cache.valid[:, slot] = True
+            x = m.embed_image_codes(tok.repeat_interleave(2))[:, None]  # same code to both rows of a pair
+            h = m.llm(x, pos[:, None], cache, slot)[:, 0]
+            pos = pos + 1
+        out = codes.cpu()
+        t2 = time.perf_counter()
+        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok}
+        return out
+
+    # ---------------------------------------------------------------------------- codes → pixels
+    def _check_codes(self, codes) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor):
+            try:
+                codes = torch.as_tensor(codes)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError(f"image codes must be an integer tensor [N, {self.cfg.num_image_tokens}] ({e})") \
+                    from None
+        n_tok, K = self.cfg.num_image_tokens, self.cfg.vq.codebook_size
+        if codes.dim() == 1:
+            codes = codes[None]
+        if codes.dim() != 2 or codes.shape[1] != n_tok or codes.shape[0] < 1:
+            raise InputError(f"image codes must have shape [N, {n_tok}], got {list(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+            raise InputError(f"image codes must be integers, got {codes.dtype}")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= K:
+            raise InputError(f"image codes must be in [0, {K}), got values in [{lo}, {hi}]")
+        return codes.long()
+
+    @torch.inference_mode()
+    def decode_image_pixels(self, codes, batch_size: int = 8) -> torch.Tensor:
+        """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device)."""
+        codes = self._check_codes(codes).to(self.device)
+        vq = self.model.gen_vision_model
+        return torch.cat([vq.decode_codes(c) for c in codes.split(batch_size)])
+
+    def decode_image_tokens(self, codes, batch_size: int = 8):
+        t0 = time.perf_counter()
+        images = to_pil(self.decode_image_pixels(codes, batch_size))
+        self.last_timings["vq_decode_s"] = time.perf_counter() - t0
+        return images
+
+    def generate_images(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
+                        seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
+                        progress: bool = False):
+        """List of PIL images (384×384 for the published models), len(prompts) × num_images, in prompt order."""
+        codes = self.generate_image_tokens(prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, progress)
+        return self.decode_image_tokens(codes)
+
+    @torch.inference_mode()
+    def encode_image_to_codes(self, image) -> torch.LongTensor:
+        """An image → its VQ codes [576] (the VQ encoder; input resized/padded like the understanding path)."""
+        vq = self.cfg.vq
+        x = preprocess(image, _vq_processor(self.tokenizer.processor, vq.image_size))
+        return self.model.gen_vision_model.encode_to_codes(x[None].to(self.device))[0].cpu()
+
+    # ------------------------------------------------------------------------------ understanding
+    def _pixels(self, image) -> torch.Tensor:
+        return preprocess(image, self.tokenizer.processor)[None].to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, image) -> torch.Tensor:
+        """Aligned image embeddings [576, D] (what replaces the image placeholders in the LLM input)."""
+        return self.model.encode_images(self._pixels(image))[0]
+
+    def _understanding_prefill(self, image, question: str, max_new_tokens: int):
+        if not isinstance(question, str):
+            raise InputError(f"question must be a string, got {type(question).__name__}")
+        tag = self.tokenizer.processor.image_tag
+        if tag in question:
+            raise InputError(f"question must not contain the image tag {tag!r}; the image is inserted for you")
+        n_img = self.cfg.vision.num_patches
+        ids = torch.tensor(self.tokenizer.understanding_prompt(question, n_img), device=self.device)[None]  # [1, T]
+        T = ids.shape[1]
+        self._check_context(T, max_new_tokens, "the question with its image")
+        x = self.model.embed_text(ids)  # [1, T, D]
+        img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
+        x[ids == self.tokenizer.image_id] = img.reshape(-1, img.shape[-1]).to(x.dtype)
+        cache = self.model.new_cache(1, T + max_new_tokens)
+        cache.valid[:, :T] = True
+        h = self.model.llm(x, torch.arange(T, device=self.device)[None], cache, 0)  # [1, T, D]
+        return cache, h, T
+
+    @torch.inference_mode()
+    def understanding_logits(self, image, question: str) -> torch.Tensor:
+        """Text logits over the whole prompt [T, vocab] (fp32): the first answer token is the last row."""
+        _, h, _ = self._understanding_prefill(image, question, 1)
+        return self.model.language_model.lm_head(h[0]).float()
+
+    @torch.inference_mode()
+    def answer_ids(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
+                   seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> list[int]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        _check_sampling(temperature, top_k, top_p)
+        gen = self._generator(seed)
+        t0 = time.perf_counter()
+        cache, h, T = self._understanding_prefill(image, question, max_new_tokens)
+        h = h[:, -1]
+        lm_head, out = self.model.language_model.lm_head, []
+        t_first = None
+        for i in range(max_new_tokens):
+            tok = sample(lm_head(h).float(), temperature, gen, top_k, top_p)  # [1]
+            t = int(tok)  # host sync per token: the eager path checks EOS every step
+            if t_first is None:
+                t_first = time.perf_counter()
+            if t == self.tokenizer.eos_id:
+                break
+            out.append(t)
+            if i == max_new_tokens - 1:
+                break
+            cache.valid[:, T + i] = True
+            h = self.model.llm(self.model.embed_text(tok[:, None]), torch.tensor([[T + i]], device=self.device),
+                               cache, T + i)[:, -1]
+        t_end = time.perf_counter()
+        self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out)}
+        return out
+
+    def answer(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
+               seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:
+        """Answer a question about an image; stops at EOS. Greedy by default."""
+        return self.tokenizer.decode(self.answer_ids(image, question, max_new_tokens, temperature, seed, top_k, top_p))
+
+
+def _vq_processor(proc, size):
+    from dataclasses import replace
+    return replace(proc, image_size=size, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+
+
+def load(path, device=None, dtype=None, progress: bool = False) -> JanusPipeline:
+    """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files)."""
+    path = Path(path)
+    cfg = JanusConfig.from_file(path)
+    dev, dt = resolve_device_dtype(device, dtype)
+    tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
+    proc = tokenizer.processor
+    if proc.num_image_tokens != cfg.vision.num_patches or proc.image_size != cfg.vision.image_size:
+        raise ConfigError(f"{path}: processor files say {proc.num_image_tokens} image tokens at {proc.image_size} px "
+                          f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
+    with torch.device("meta"):
+        model = JanusModel(cfg)
+    files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
+    model.eval()
+    return JanusPipeline(model, tokenizer, dev, dt, files, path)

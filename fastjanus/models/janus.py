@@ -1,0 +1,76 @@
+"""The whole Janus model, with module names equal to the official checkpoint's parameter names."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AlignerConfig, GenHeadConfig, JanusConfig
+from .llama import KVCache, LanguageModel
+from .siglip import VisionTower
+from .vq import VQModel
+
+
+class MlpProjector(nn.Module):
+    """`layers.0` Linear(in→D), then per extra depth GELU + Linear(D→D) at `layers.2`, `layers.4`, ..."""
+
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Linear(cfg.input_dim, cfg.n_embed)]
+        for _ in range(1, cfg.depth):
+            mods += [nn.GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class GenHead(nn.Module):
+    def __init__(self, cfg: GenHeadConfig):
+        super().__init__()
+        self.output_mlp_projector = nn.Linear(cfg.n_embed, cfg.image_token_embed)
+        self.vision_head = nn.Linear(cfg.image_token_embed, cfg.image_token_size)
+
+    def forward(self, h):  # [R, D] → [R, K]
+        return self.vision_head(F.gelu(self.output_mlp_projector(h)))
+
+
+class JanusModel(nn.Module):
+    def __init__(self, cfg: JanusConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionTower(cfg.vision)
+        self.aligner = MlpProjector(cfg.aligner)
+        self.gen_vision_model = VQModel(cfg.vq)
+        self.gen_aligner = MlpProjector(cfg.gen_aligner)
+        self.gen_head = GenHead(cfg.gen_head)
+        self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.embed_dim)
+        self.language_model = LanguageModel(cfg.language)
+
+    # ---- pieces the engine composes
+    @property
+    def llm(self):
+        return self.language_model.model
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] → [B, T, D]
+        return self.llm.embed_tokens(ids)
+
+    def embed_image_codes(self, codes: torch.Tensor) -> torch.Tensor:  # [...] → [..., D]
+        return self.gen_aligner(self.gen_embed(codes))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] → [B, N, D]
+        return self.aligner(self.vision_model(pixels))
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        p = self.language_model.lm_head.weight
+        return KVCache(self.cfg.language, rows, max_len, p.device, p.dtype)
+
+
+def known_unused_key(key: str, cfg: JanusConfig) -> bool:
+    """Checkpoint keys that the official model carries but inference never reads."""
+    if key.startswith("vision_model.vision_tower.attn_pool.") or key == "gen_vision_model.quantize.codebook_used":
+        return True
+    prefix = "vision_model.vision_tower.blocks."
+    if key.startswith(prefix):  # blocks dropped by select_layer
+        return int(key[len(prefix):].split(".", 1)[0]) >= cfg.vision.layers_used
+    return False

@@ -1,0 +1,220 @@
+"""`fastjanus init-random`: a complete random checkpoint in the official hub layout.
+
+No weights can be downloaded here, and decode speed does not depend on weight values, so tests, the demo and
+benchmarks run on these. Every tensor is drawn from its own generator (seed, name), written one at a time,
+so even Janus-Pro-7B is produced without holding the model in memory (except the single-file `.bin` format,
+which torch.save writes from one dict).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from .config import JanusConfig, PRESET_TEMPLATES, preset
+from .errors import InputError
+from .tokenizer import BOI, BOS, EOI, EOS, IMAGE_TAG, PAD
+
+FORMATS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
+DEFAULT_FORMAT = {"tiny": "safetensors", "janus-1.3b": "safetensors", "janus-pro-1b": "bin",
+                  "janus-pro-7b": "sharded-bin"}  # as published on the hub
+ROLE_TOKENS = ["<patch_placeholder>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>",
+               "<|User|>", "<|Assistant|>"]
+
+_CORPUS = """A photo of a red fox sitting in the snow at sunrise, highly detailed, soft light.
+An astronaut riding a horse on the moon, digital art, trending, sharp focus.
+The quick brown fox jumps over the lazy dog. What is shown in this image? Describe the picture.
+A bowl of fruit on a wooden table: apples, oranges, bananas and grapes. Watercolor painting.
+A city street at night with neon signs, rain on the road, reflections, cinematic, 4k, wide angle.
+Please explain the chart, the table and the text in the image step by step, then answer the question.
+Portrait of an old man with a beard, oil on canvas, dramatic lighting, close-up, museum quality.
+A small cabin in the mountains surrounded by pine trees and a lake, morning fog, landscape photography."""
+
+
+# ------------------------------------------------------------------------------------- tensors
+def official_tensor_shapes(cfg: JanusConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint, including the ones inference never reads."""
+    from .models.janus import JanusModel
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in JanusModel(cfg).state_dict().items()}
+    W, M, p = cfg.vision.width, cfg.vision.mlp_dim, "vision_model.vision_tower.attn_pool."
+    shapes.update({p + "latent": (1, 1, W), p + "q.weight": (W, W), p + "q.bias": (W,),
+                   p + "kv.weight": (2 * W, W), p + "kv.bias": (2 * W,), p + "proj.weight": (W, W),
+                   p + "proj.bias": (W,), p + "norm.weight": (W,), p + "norm.bias": (W,),
+                   p + "mlp.fc1.weight": (M, W), p + "mlp.fc1.bias": (M,), p + "mlp.fc2.weight": (W, M),
+                   p + "mlp.fc2.bias": (W,), "gen_vision_model.quantize.codebook_used": (65536,)})
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """Deterministic in (seed, name). Fan-in scaled weights keep activations O(1) through every layer, so
+    reduced-precision runs neither overflow nor collapse to zero, as with trained weights."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+    if name.endswith("codebook_used"):
+        return torch.zeros(shape, dtype=dtype)
+    x = torch.randn(shape, generator=g)
+    last = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    if name.endswith(".bias"):
+        x *= 0.02
+    elif len(shape) == 1:  # norm scales
+        x = 1.0 + 0.05 * x
+    elif "embed" in last or name.endswith("quantize.embedding.weight") or name.endswith("latent"):
+        x *= 1.0 if (name.startswith("gen_") or "quantize" in name) else 0.02
+    else:
+        fan_in = 1
+        for s in shape[1:]:
+            fan_in *= s
+        x *= fan_in ** -0.5
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------- writers
+_ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def _write_safetensors(path: Path, names: list[str], shapes: dict, make) -> int:
+    """Stream a safetensors file: header first (shapes are known), then tensors one at a time."""
+    header, off = {}, 0
+    probe = make(names[0]) if names else None
+    esize = probe.element_size() if probe is not None else 2
+    st_dtype = _ST_DTYPE[probe.dtype] if probe is not None else "BF16"
+    for k in names:
+        n = esize
+        for s in shapes[k]:
+            n *= s
+        header[k] = {"dtype": st_dtype, "shape": list(shapes[k]), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = {"format": "pt"}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for k in names:
+            t = probe if (probe is not None and k == names[0]) else make(k)
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return off
+
+
+def _shard(names: list[str], shapes: dict, esize: int, max_bytes: int) -> list[list[str]]:
+    shards, cur, size = [], [], 0
+    for k in names:
+        n = esize
+        for s in shapes[k]:
+            n *= s
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    return shards + ([cur] if cur else [])
+
+
+def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.bfloat16,
+                  max_shard_bytes: int = 4 * 2 ** 30, progress: bool = False) -> list[Path]:
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+    shapes = official_tensor_shapes(cfg)
+    names = list(shapes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(names), desc="random weights", unit="tensor", leave=False)
+
+    def make(k):
+        t = random_tensor(k, shapes[k], seed, dtype)
+        if bar is not None:
+            bar.update(1)
+        return t
+
+    esize = torch.empty((), dtype=dtype).element_size()
+    sharded = fmt.startswith("sharded")
+    groups = _shard(names, shapes, esize, max_shard_bytes) if sharded else [names]
+    if sharded and len(groups) == 1:
+        groups = _shard(names, shapes, esize, max(1, sum(esize * _numel(shapes[k]) for k in names) // 2))
+    ext = "safetensors" if "safetensors" in fmt else "bin"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    files, weight_map = [], {}
+    for i, group in enumerate(groups):
+        fname = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" if sharded else f"{stem}.{ext}"
+        path = out / fname
+        if ext == "safetensors":
+            _write_safetensors(path, group, shapes, make)
+        else:
+            torch.save({k: make(k) for k in group}, path)
+        files.append(path)
+        weight_map.update({k: fname for k in group})
+    if bar is not None:
+        bar.close()
+    if sharded:
+        total = sum(esize * _numel(shapes[k]) for k in names)
+        (out / f"{stem}.{ext}.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def build_tokenizer(with_image_tag: bool, vocab_size: int = 600):
+    """A small byte-level BPE tokenizer (trained on a fixed corpus) with the Janus special tokens appended.
+
+    The real one has ~100k entries; ours is small, but it has the same format, the same special strings and
+    the same property that matters here: special ids are not at fixed positions."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    specials = [BOS, EOS, PAD, BOI, EOI] + ([IMAGE_TAG] if with_image_tag else []) + ROLE_TOKENS
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+def write_tokenizer_files(out: Path, arch: str, num_image_tokens: int, image_size: int) -> None:
+    is_old = arch == "janus-1.3b"
+    tok = build_tokenizer(with_image_tag=not is_old)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    if not is_old:
+        specials = {"additional_special_tokens": [IMAGE_TAG] + ROLE_TOKENS, **specials}
+    files = {
+        "tokenizer_config.json": {"bos_token": BOS, "clean_up_tokenization_spaces": False, "eos_token": EOS,
+                                  "model_max_length": 16384, "pad_token": None, "tokenizer_class": "LlamaTokenizer",
+                                  "unk_token": None, "use_default_system_prompt": True},
+        "special_tokens_map.json": specials,
+        "processor_config.json": {"add_special_token": False, "ignore_id": -100, "image_tag": IMAGE_TAG,
+                                  "mask_prompt": True, "num_image_tokens": num_image_tokens,
+                                  "processor_class": "VLChatProcessor", "sft_format": PRESET_TEMPLATES[arch]},
+        "preprocessor_config.json": {"background_color": [127, 127, 127], "do_normalize": True,
+                                     "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "VLMImageProcessor",
+                                     "image_size": image_size, "image_std": [0.5, 0.5, 0.5], "min_size": 14,
+                                     "processor_class": "VLChatProcessor", "rescale_factor": 1 / 255},
+    }
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def init_random(arch: str, out: str | Path, fmt: str | None = None, seed: int = 0, progress: bool = False,
+                max_shard_bytes: int = 4 * 2 ** 30) -> Path:
+    """Write config.json, random weights and tokenizer/processor files for a preset into `out`."""
+    cfg = preset(arch)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = fmt or DEFAULT_FORMAT[arch]
+    d = cfg.to_dict()
+    d["architectures"] = ["MultiModalityCausalLM"]
+    (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    write_tokenizer_files(out, arch, cfg.vision.num_patches, cfg.vision.image_size)
+    write_weights(out, cfg, fmt, seed, progress=progress, max_shard_bytes=max_shard_bytes)
+    return out

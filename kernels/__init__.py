@@ -1,0 +1,1 @@
+"""Triton kernels (fastjanus.kernels). Empty until the kernels issue lands; every op has a plain-torch path."""
