@@ -39,7 +39,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a * (255.0 / a.max())
         elif img.mode == "F" and a.size and a.max() <= 1.0:
             a = a * 255.0
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 → "L"
     if img.mode != "RGB":
         try:
             img = img.convert("RGB")
@@ -78,4 +78,4 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     arr = to_uint8(pixels).cpu().numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arr]
+    return [Image.fromarray(a) for a in arr]  # [S, S, 3] uint8 → "RGB"

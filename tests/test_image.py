@@ -47,8 +47,8 @@ def _u16():
     lambda: Image.new("1", (9, 5)),
     lambda: Image.new("L", (5000, 3)),  # very wide: short side clamps to min_size 14
     _u16,
-    lambda: Image.fromarray(np.full((8, 8), 3.0e5, dtype=np.int32), mode="I"),
-    lambda: Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F"),
+    lambda: Image.fromarray(np.full((8, 8), 3.0e5, dtype=np.int32)),
+    lambda: Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)),
 ])
 def test_unusual_images_are_processed(make):
     x = preprocess(make(), CFG)
