@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         args.prompt = args.prompt[0]
     try:
         return args.fn(args)
-    except (FastJanusError, FileNotFoundError) as e:
+    except (FastJanusError, OSError) as e:  # OSError: unwritable --out and the like
         msg = " ".join(str(e).split())
         print(f"fastjanus: error: {msg}", file=sys.stderr)
         return 2

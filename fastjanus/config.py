@@ -70,7 +70,10 @@ class LlamaConfig:
                  f"{w}: num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
                  f"{self.num_key_value_heads}")
         _require(self.head_dim % 2 == 0, f"{w}: head_dim {self.head_dim} must be even for rotary embeddings")
-        _require(self.rms_norm_eps > 0 and self.rope_theta > 0, f"{w}: rms_norm_eps and rope_theta must be > 0")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                     f"{w}.{k} must be a number > 0, got {v!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -85,9 +88,18 @@ class LlamaConfig:
         if "head_dim" in d and d.get("num_attention_heads"):
             _require(d["head_dim"] * d["num_attention_heads"] == d.get("hidden_size", cls.hidden_size),
                      f"language_config.head_dim {d['head_dim']} × heads must equal hidden_size")
+        d = dict(d)
+        rp = d.pop("rope_parameters", None)  # newer transformers nest rope_theta here
+        if isinstance(rp, dict):
+            _require(rp.get("rope_type", "default") == "default",
+                     f"language_config.rope_parameters.rope_type {rp.get('rope_type')!r} is not supported")
+            if "rope_theta" in rp:
+                d.setdefault("rope_theta", rp["rope_theta"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known - cls._IGNORED
-        _require(not unknown, f"language_config has unknown keys {sorted(unknown)}")
+        if unknown:  # e.g. keys that a newer transformers adds when it re-saves a config: harmless, but say so
+            import warnings
+            warnings.warn(f"language_config: ignoring keys fastjanus does not use: {sorted(unknown)}", stacklevel=3)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:

@@ -13,7 +13,13 @@ from .tokenizer import ProcessorConfig
 
 def load_image(image) -> Image.Image:
     """A PIL image, or a path to one."""
+    # DecompressionBombError is PIL's refusal of absurdly large images; it is not an OSError.
+    errors = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
     if isinstance(image, Image.Image):
+        try:
+            image.load()  # a lazily opened, truncated or closed image fails here rather than inside resize
+        except errors as e:
+            raise InputError(f"the PIL image cannot be decoded ({e})") from None
         return image
     if isinstance(image, (str, Path)):
         p = Path(image)
@@ -23,7 +29,7 @@ def load_image(image) -> Image.Image:
             img = Image.open(p)
             img.load()
             return img
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except errors as e:
             raise InputError(f"{p}: cannot be read as an image ({e})") from None
     raise InputError(f"image must be a PIL.Image or a file path, got {type(image).__name__}")
 

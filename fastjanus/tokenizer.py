@@ -30,7 +30,9 @@ def render_prompt(template: str, user: str, system: str = "") -> str:
         raise ConfigError(f"unknown chat template (sft_format) {template!r}; known: {sorted(TEMPLATES)}")
     u, a = TEMPLATES[template]
     head = f"{system}\n\n" if system else ""
-    return f"{head}{u}: {user.strip()}\n\n{a}:"
+    user = user.strip()
+    # The official template writes an empty message as the bare role and colon, with no separator.
+    return f"{head}{u}: {user}\n\n{a}:" if user else f"{head}{u}:{a}:"
 
 
 def _read_json(path: Path, required: bool) -> dict:
@@ -66,10 +68,25 @@ class ProcessorConfig:
         for k in ("image_size", "min_size", "rescale_factor", "do_normalize"):
             if k in pre:
                 kw[k] = pre[k]
-        for k in ("background_color", "image_mean", "image_std"):
+        for k in ("image_mean", "image_std"):
             if k in pre:
                 kw[k] = tuple(pre[k])
-        cfg = cls(**kw)
+        # The official processor ignores the file's background_color and pads with int(mean·255) per channel
+        # (127 for the published files either way); do the same.
+        try:
+            kw["background_color"] = tuple(int(m * 255) for m in kw.get("image_mean", cls.image_mean))
+            cfg = cls(**kw)
+            checks = [isinstance(cfg.num_image_tokens, int) and cfg.num_image_tokens > 0,
+                      isinstance(cfg.image_size, int) and cfg.image_size > 0,
+                      isinstance(cfg.min_size, int) and cfg.min_size > 0,
+                      isinstance(cfg.rescale_factor, (int, float)) and cfg.rescale_factor > 0,
+                      len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and all(s > 0 for s in cfg.image_std)]
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{d}: processor_config.json / preprocessor_config.json hold a malformed value ({e})") \
+                from None
+        if not all(checks):
+            raise ConfigError(f"{d}: processor_config.json / preprocessor_config.json hold an out-of-range value "
+                              f"(num_image_tokens, image_size, min_size, rescale_factor, image_mean or image_std)")
         if cfg.sft_format not in TEMPLATES:
             raise ConfigError(f"{d / 'processor_config.json'}: sft_format {cfg.sft_format!r} is not one of "
                               f"{sorted(TEMPLATES)}")
@@ -97,6 +114,12 @@ class JanusTokenizer:
             return v.get("content", default) if isinstance(v, dict) else (v or default)
         self.bos_token, self.eos_token = tok_str("bos_token", BOS), tok_str("eos_token", EOS)
         self.pad_token = tok_str("pad_token", PAD)
+        # transformers treats every additional_special_tokens entry as special even where tokenizer.json does
+        # not; mark the ones the vocabulary already has so that decoding skips them the same way.
+        extra = [s for s in smap.get("additional_special_tokens", []) if isinstance(s, str)]
+        known = [s for s in extra if self.tok.token_to_id(s) is not None]
+        if known:
+            self.tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in known])
         self.added: list[str] = []
         # Janus-1.3B's tokenizer lacks the image tag; the official processor adds it as a new special token,
         # which gets the next id (the tokenizer's current length). Do the same.

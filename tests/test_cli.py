@@ -67,3 +67,10 @@ def test_default_model_is_tiny_random_and_says_so(tmp_path, monkeypatch, capsys)
 def test_init_random_cli(tmp_path, capsys):
     assert main(["init-random", "--arch", "tiny", "--out", str(tmp_path / "t"), "--format", "sharded-bin"]) == 0
     assert (tmp_path / "t" / "pytorch_model.bin.index.json").is_file()
+
+
+def test_unwritable_output_is_one_line(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--out", str(f)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("fastjanus: error:")

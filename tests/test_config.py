@@ -58,7 +58,8 @@ def _pro1b():
     (lambda d: d["language_config"].update(num_key_value_heads=5), "not a multiple of num_key_value_heads 5"),
     (lambda d: d["language_config"].update(hidden_size=-1), "hidden_size must be a positive integer"),
     (lambda d: d["language_config"].update(rope_scaling={"type": "linear"}), "rope_scaling"),
-    (lambda d: d["language_config"].update(some_new_key=1), "unknown keys ['some_new_key']"),
+    (lambda d: d["language_config"].update(rms_norm_eps="tiny"), "rms_norm_eps must be a number > 0"),
+    (lambda d: d["language_config"].update(rope_parameters={"rope_type": "yarn"}), "rope_type 'yarn'"),
     (lambda d: d["aligner_config"]["params"].update(projector_type="linear"), "projector_type 'linear'"),
     (lambda d: d["vision_config"]["params"].update(model_name="eva_giant"), "model_name 'eva_giant' is unknown"),
     (lambda d: d.pop("gen_head_config"), "missing or malformed 'gen_head_config'"),
@@ -83,3 +84,12 @@ def test_unreadable_config(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'janus-9b'"):
         preset("janus-9b")
+
+
+def test_unknown_language_keys_warn_and_rope_parameters_are_read(tmp_path):
+    d = _pro1b()
+    d["language_config"].update(some_new_key=1, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="ignoring keys fastjanus does not use: \\['some_new_key'\\]"):
+        cfg = JanusConfig.from_file(tmp_path)
+    assert cfg.language.rope_theta == 5e5

@@ -91,9 +91,15 @@ def test_decode_images(tiny_pipe):
     (dict(prompt=None), "prompt must be a string"),
     (dict(prompt=["ok", 3]), "prompt[1] must be a string"),
     (dict(num_images=0), "num_images must be an integer >= 1"),
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
-    (dict(cfg_weight=-1.0), "cfg_weight must be a number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(cfg_weight=-1.0), "cfg_weight must be a finite number >= 0"),
+    (dict(cfg_weight=float("inf")), "cfg_weight must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(top_k=True), "top_k must be a positive integer"),
+    (dict(seed=True), "seed must be an integer"),
+    (dict(seed=2 ** 70), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer"),
     (dict(top_p=1.5), "top_p must be in (0, 1]"),
     (dict(prompt="word " * 2000), "exceeds the model's context of 1024 positions"),
 ])
@@ -131,3 +137,26 @@ def test_reduced_precision_runs_on_cpu(tiny_dir, dtype):
     ref = fastjanus.load(tiny_dir, device="cpu", dtype=torch.float32).decode_image_pixels(codes)
     assert (px.float() - ref).abs().max() < 0.1 * ref.abs().max()
     assert isinstance(p.answer(Image.new("RGB", (8, 8)), "hi", max_new_tokens=3), str)
+
+
+def test_bad_decode_batch_size(tiny_pipe):
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
+        tiny_pipe.decode_image_pixels(torch.zeros(1, 64, dtype=torch.long), batch_size=0)
+
+
+def test_empty_prompt_renders_like_the_official_template(tiny_pipe):
+    tk = tiny_pipe.tokenizer
+    assert tk.tok.decode(tk.generation_prompt("  "), skip_special_tokens=False) == \
+        "<｜begin▁of▁sentence｜><|User|>:<|Assistant|>:<begin_of_image>"
+    assert tiny_pipe.generate_image_tokens("", seed=0).shape == (1, 64)
+
+
+def test_bad_device_and_dtype():
+    from fastjanus.engine.pipeline import resolve_device_dtype
+    with pytest.raises(InputError, match="not a valid torch device"):
+        resolve_device_dtype("gpu0")
+    with pytest.raises(InputError, match="dtype 'int8' is not supported"):
+        resolve_device_dtype("cpu", "int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device_dtype("cuda")

@@ -104,3 +104,20 @@ def test_vq_encode_round_trip_shape(tiny_pipe):
     codes = tiny_pipe.encode_image_to_codes(Image.new("RGB", (32, 32), (0, 128, 255)))
     assert codes.shape == (64,) and codes.min() >= 0 and codes.max() < 512
     assert len(tiny_pipe.decode_image_tokens(codes)) == 1
+
+
+def test_truncated_and_oversized_images(tmp_path, monkeypatch):
+    p = tmp_path / "t.jpg"
+    noise = (np.random.RandomState(0).rand(256, 256, 3) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(p, quality=95)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size * 6 // 10])  # header intact, pixel data cut
+    with pytest.raises(InputError, match="cannot be read as an image"):
+        preprocess(p, CFG)
+    lazy = Image.open(p)  # opened lazily by the caller: decoding fails inside fastjanus
+    with pytest.raises(InputError, match="cannot be decoded"):
+        preprocess(lazy, CFG)
+    big = tmp_path / "big.png"
+    Image.new("L", (400, 400)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 400² > 2 × limit → DecompressionBombError
+    with pytest.raises(InputError, match="big.png: cannot be read as an image"):
+        preprocess(big, CFG)

@@ -1,6 +1,7 @@
 """The user-facing pipeline: load a checkpoint, generate images, answer questions about images (plain torch)."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +29,10 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
         raise InputError(f"device {device!r} is not a valid torch device ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(device)!r} is not supported; use 'cuda' or 'cpu'")
     if dtype is None:
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -42,14 +47,18 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if cfg_weight is not None and (not isinstance(cfg_weight, (int, float)) or cfg_weight < 0):
-        raise InputError(f"cfg_weight must be a number >= 0, got {cfg_weight!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if not _number(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if cfg_weight is not None and (not _number(cfg_weight) or cfg_weight < 0):
+        raise InputError(f"cfg_weight must be a finite number >= 0, got {cfg_weight!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
@@ -65,8 +74,8 @@ class JanusPipeline:
     def _generator(self, seed: int | None) -> torch.Generator:
         if seed is None:  # draws from torch's global RNG, so torch.manual_seed() also makes runs repeatable
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        if not isinstance(seed, int):
-            raise InputError(f"seed must be an integer or None, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+            raise InputError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _check_context(self, length: int, extra: int, what: str) -> None:
@@ -178,6 +187,8 @@ class JanusPipeline:
     @torch.inference_mode()
     def decode_image_pixels(self, codes, batch_size: int = 8) -> torch.Tensor:
         """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c) for c in codes.split(batch_size)])

@@ -72,5 +72,6 @@ def known_unused_key(key: str, cfg: JanusConfig) -> bool:
         return True
     prefix = "vision_model.vision_tower.blocks."
     if key.startswith(prefix):  # blocks dropped by select_layer
-        return int(key[len(prefix):].split(".", 1)[0]) >= cfg.vision.layers_used
+        idx = key[len(prefix):].split(".", 1)[0]
+        return idx.isdigit() and int(idx) >= cfg.vision.layers_used
     return False
