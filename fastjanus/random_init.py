@@ -8,6 +8,7 @@ which torch.save writes from one dict).
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -56,18 +57,16 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.bflo
     if name.endswith("codebook_used"):
         return torch.zeros(shape, dtype=dtype)
     x = torch.randn(shape, generator=g)
-    last = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
     if name.endswith(".bias"):
         x *= 0.02
     elif len(shape) == 1:  # norm scales
         x = 1.0 + 0.05 * x
-    elif "embed" in last or name.endswith("quantize.embedding.weight") or name.endswith("latent"):
-        x *= 1.0 if (name.startswith("gen_") or "quantize" in name) else 0.02
-    else:
-        fan_in = 1
-        for s in shape[1:]:
-            fan_in *= s
-        x *= fan_in ** -0.5
+    elif name in ("gen_embed.weight", "gen_vision_model.quantize.embedding.weight"):
+        pass  # 8-dim code embeddings: unit scale, like a trained codebook
+    elif name.endswith(("embed_tokens.weight", "pos_embed", "latent")):
+        x *= 0.02
+    else:  # Linear / Conv weights [out, in, ...]
+        x *= math.prod(shape[1:]) ** -0.5
     return x.to(dtype)
 
 
@@ -75,17 +74,13 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.bflo
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def _write_safetensors(path: Path, names: list[str], shapes: dict, make) -> int:
+def _write_safetensors(path: Path, names: list[str], shapes: dict, make, dtype) -> int:
     """Stream a safetensors file: header first (shapes are known), then tensors one at a time."""
     header, off = {}, 0
-    probe = make(names[0]) if names else None
-    esize = probe.element_size() if probe is not None else 2
-    st_dtype = _ST_DTYPE[probe.dtype] if probe is not None else "BF16"
+    esize = torch.empty((), dtype=dtype).element_size()
     for k in names:
-        n = esize
-        for s in shapes[k]:
-            n *= s
-        header[k] = {"dtype": st_dtype, "shape": list(shapes[k]), "data_offsets": [off, off + n]}
+        n = esize * math.prod(shapes[k])
+        header[k] = {"dtype": _ST_DTYPE[dtype], "shape": list(shapes[k]), "data_offsets": [off, off + n]}
         off += n
     header["__metadata__"] = {"format": "pt"}
     h = json.dumps(header, separators=(",", ":")).encode()
@@ -94,17 +89,14 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, make) -> int:
         f.write(struct.pack("<Q", len(h)))
         f.write(h)
         for k in names:
-            t = probe if (probe is not None and k == names[0]) else make(k)
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(make(k).contiguous().view(torch.uint8).numpy().tobytes())
     return off
 
 
 def _shard(names: list[str], shapes: dict, esize: int, max_bytes: int) -> list[list[str]]:
     shards, cur, size = [], [], 0
     for k in names:
-        n = esize
-        for s in shapes[k]:
-            n *= s
+        n = esize * math.prod(shapes[k])
         if cur and size + n > max_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -133,8 +125,8 @@ def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.
     esize = torch.empty((), dtype=dtype).element_size()
     sharded = fmt.startswith("sharded")
     groups = _shard(names, shapes, esize, max_shard_bytes) if sharded else [names]
-    if sharded and len(groups) == 1:
-        groups = _shard(names, shapes, esize, max(1, sum(esize * _numel(shapes[k]) for k in names) // 2))
+    if sharded and len(groups) == 1:  # a "sharded" layout of one file would not exercise the index
+        groups = _shard(names, shapes, esize, max(1, sum(esize * math.prod(shapes[k]) for k in names) // 2))
     ext = "safetensors" if "safetensors" in fmt else "bin"
     stem = "model" if ext == "safetensors" else "pytorch_model"
     files, weight_map = [], {}
@@ -142,7 +134,7 @@ def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.
         fname = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}" if sharded else f"{stem}.{ext}"
         path = out / fname
         if ext == "safetensors":
-            _write_safetensors(path, group, shapes, make)
+            _write_safetensors(path, group, shapes, make, dtype)
         else:
             torch.save({k: make(k) for k in group}, path)
         files.append(path)
@@ -150,17 +142,10 @@ def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.
     if bar is not None:
         bar.close()
     if sharded:
-        total = sum(esize * _numel(shapes[k]) for k in names)
+        total = sum(esize * math.prod(shapes[k]) for k in names)
         (out / f"{stem}.{ext}.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return files
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ------------------------------------------------------------------------------------ tokenizer

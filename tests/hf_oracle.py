@@ -15,7 +15,6 @@ def hf_config(cfg: JanusConfig, image_token_id: int, pad_id: int, bos_id: int, e
     from transformers import JanusConfig as HFJanusConfig, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
     L, V, Q = cfg.language, cfg.vision, cfg.vq
-    assert V.grid if hasattr(V, "grid") else True
     text = LlamaConfig(hidden_size=L.hidden_size, intermediate_size=L.intermediate_size,
                        num_hidden_layers=L.num_hidden_layers, num_attention_heads=L.num_attention_heads,
                        num_key_value_heads=L.num_key_value_heads, vocab_size=L.vocab_size,
