@@ -74,7 +74,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.bflo
 _ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def _write_safetensors(path: Path, names: list[str], shapes: dict, make, dtype) -> int:
+def _write_safetensors(path: Path, names: list[str], shapes: dict, make, dtype) -> None:
     """Stream a safetensors file: header first (shapes are known), then tensors one at a time."""
     header, off = {}, 0
     esize = torch.empty((), dtype=dtype).element_size()
@@ -90,7 +90,6 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, make, dtype) 
         f.write(h)
         for k in names:
             f.write(make(k).contiguous().view(torch.uint8).numpy().tobytes())
-    return off
 
 
 def _shard(names: list[str], shapes: dict, esize: int, max_bytes: int) -> list[list[str]]:
@@ -124,9 +123,10 @@ def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.
 
     esize = torch.empty((), dtype=dtype).element_size()
     sharded = fmt.startswith("sharded")
+    total = sum(esize * math.prod(shapes[k]) for k in names)
     groups = _shard(names, shapes, esize, max_shard_bytes) if sharded else [names]
     if sharded and len(groups) == 1:  # a "sharded" layout of one file would not exercise the index
-        groups = _shard(names, shapes, esize, max(1, sum(esize * math.prod(shapes[k]) for k in names) // 2))
+        groups = _shard(names, shapes, esize, max(1, total // 2))
     ext = "safetensors" if "safetensors" in fmt else "bin"
     stem = "model" if ext == "safetensors" else "pytorch_model"
     files, weight_map = [], {}
@@ -142,7 +142,6 @@ def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.
     if bar is not None:
         bar.close()
     if sharded:
-        total = sum(esize * math.prod(shapes[k]) for k in names)
         (out / f"{stem}.{ext}.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return files

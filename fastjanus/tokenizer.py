@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import _positive_ints
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -73,20 +74,17 @@ class ProcessorConfig:
                 kw[k] = tuple(pre[k])
         # The official processor ignores the file's background_color and pads with int(mean·255) per channel
         # (127 for the published files either way); do the same.
+        where = f"{d}: processor_config.json / preprocessor_config.json"
         try:
             kw["background_color"] = tuple(int(m * 255) for m in kw.get("image_mean", cls.image_mean))
             cfg = cls(**kw)
-            checks = [isinstance(cfg.num_image_tokens, int) and cfg.num_image_tokens > 0,
-                      isinstance(cfg.image_size, int) and cfg.image_size > 0,
-                      isinstance(cfg.min_size, int) and cfg.min_size > 0,
-                      isinstance(cfg.rescale_factor, (int, float)) and cfg.rescale_factor > 0,
-                      len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and all(s > 0 for s in cfg.image_std)]
+            colour_ok = (len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and all(s > 0 for s in cfg.image_std)
+                         and isinstance(cfg.rescale_factor, (int, float)) and cfg.rescale_factor > 0)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{d}: processor_config.json / preprocessor_config.json hold a malformed value ({e})") \
-                from None
-        if not all(checks):
-            raise ConfigError(f"{d}: processor_config.json / preprocessor_config.json hold an out-of-range value "
-                              f"(num_image_tokens, image_size, min_size, rescale_factor, image_mean or image_std)")
+            raise ConfigError(f"{where} hold a malformed value ({e})") from None
+        _positive_ints(cfg, where, ["num_image_tokens", "image_size", "min_size"])
+        if not colour_ok:
+            raise ConfigError(f"{where}: rescale_factor must be > 0 and image_mean/image_std 3 values (std > 0)")
         if cfg.sft_format not in TEMPLATES:
             raise ConfigError(f"{d / 'processor_config.json'}: sft_format {cfg.sft_format!r} is not one of "
                               f"{sorted(TEMPLATES)}")

@@ -48,3 +48,21 @@ def test_special_id_beyond_embedding_rows_is_an_error(tmp_path):
     write_tokenizer_files(tmp_path, "janus-pro-1b", 576, 384)
     with pytest.raises(CheckpointError, match="outside the model's 100 embedding rows"):
         JanusTokenizer(tmp_path, vocab_rows=100)
+
+
+@pytest.mark.parametrize("fname,key,value,needle", [
+    ("processor_config.json", "num_image_tokens", 0, "num_image_tokens must be a positive integer"),
+    ("preprocessor_config.json", "image_size", "big", "image_size must be a positive integer"),
+    ("preprocessor_config.json", "image_std", [0.5, 0.0, 0.5], "image_mean/image_std"),
+    ("preprocessor_config.json", "image_mean", "grey", "malformed value"),
+])
+def test_bad_processor_files(tmp_path, fname, key, value, needle):
+    import json
+    from fastjanus.errors import ConfigError
+    write_tokenizer_files(tmp_path, "janus-pro-1b", 576, 384)
+    f = tmp_path / fname
+    d = json.loads(f.read_text())
+    d[key] = value
+    f.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=needle):
+        JanusTokenizer(tmp_path, vocab_rows=102400)

@@ -51,12 +51,16 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
 def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
     if not _number(temperature) or temperature < 0:
         raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if cfg_weight is not None and (not _number(cfg_weight) or cfg_weight < 0):
         raise InputError(f"cfg_weight must be a finite number >= 0, got {cfg_weight!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and not _positive_int(top_k):
         raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
@@ -102,7 +106,7 @@ class JanusPipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise InputError(f"prompt[{i}] must be a string, got {type(p).__name__}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        if not _positive_int(num_images):
             raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
         tk, n_tok = self.tokenizer, self.cfg.num_image_tokens
         rows: list[list[int]] = []
@@ -187,7 +191,7 @@ class JanusPipeline:
     @torch.inference_mode()
     def decode_image_pixels(self, codes, batch_size: int = 8) -> torch.Tensor:
         """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device)."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not _positive_int(batch_size):
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
@@ -249,7 +253,7 @@ class JanusPipeline:
     @torch.inference_mode()
     def answer_ids(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
                    seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> list[int]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _positive_int(max_new_tokens):
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
         gen = self._generator(seed)
