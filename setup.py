@@ -11,7 +11,8 @@ setup(
               "fastjanus.kernels", "fastjanus.export", "fastjanus.bench"],
     package_dir={"fastjanus": "fastjanus", "fastjanus.kernels": "kernels", "fastjanus.export": "export",
                  "fastjanus.bench": "bench"},
-    install_requires=["torch>=2.5", "numpy", "safetensors>=0.4", "tokenizers>=0.15", "pillow>=9.1", "tqdm"],
+    install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy", "safetensors>=0.4",
+                      "tokenizers>=0.15", "pillow>=9.1", "tqdm"],
     extras_require={
         # transformers is a test oracle only (parity tests), never imported by the runtime.
         "test": ["pytest", "transformers>=5.0"],

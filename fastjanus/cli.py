@@ -44,8 +44,8 @@ def _model_arg(args) -> Path:
 def _load(args):
     from .engine.pipeline import load
     t0 = time.perf_counter()
-    pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True)
-    print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}) "
+    pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True, backend=args.backend)
+    print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend) "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
         sp.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)")
         sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--backend", choices=["triton", "torch"], default=None,
+                        help="kernels: triton (default on CUDA) or torch (default on CPU; triton there needs "
+                             "TRITON_INTERPRET=1)")
 
     g = sub.add_parser("generate", help="text → images (PNG files)")
     common(g, False)

@@ -1,8 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. It must be on before Triton is first imported
+# (triton.jit decides at decoration time), so it is set here, before any test module imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # for hf_oracle
 

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from PIL import Image
 
 from fastjanus.cli import main
@@ -38,6 +40,12 @@ def test_generate_and_understand(tiny_dir, tmp_path, capsys):
     assert len(paths) == 4 and all(Image.open(p).size == (32, 32) for p in paths)
     assert main(["understand", "--model", str(tiny_dir), "--image", paths[0], "--question", "what?",
                  "--max-new-tokens", "4"]) == 0
+    assert "torch backend" in capsys.readouterr().err  # the CPU default
+    if not torch.cuda.is_available():  # conftest switched the Triton interpreter on
+        pytest.importorskip("triton")
+        assert main(["understand", "--model", str(tiny_dir), "--image", paths[0], "--question", "what?",
+                     "--max-new-tokens", "4", "--backend", "triton"]) == 0
+        assert "triton backend" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_and_nonzero(tmp_path):

@@ -17,8 +17,9 @@ def pro1b_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 16])
-def test_pro1b_generation(pro1b_dir, dtype, n):
-    p = fastjanus.load(pro1b_dir, device="cuda", dtype=dtype)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pro1b_generation(pro1b_dir, dtype, n, backend):
+    p = fastjanus.load(pro1b_dir, device="cuda", dtype=dtype, backend=backend)
     p.generate_image_tokens("warm-up", num_images=1, temperature=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -27,7 +28,7 @@ def test_pro1b_generation(pro1b_dir, dtype, n):
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     assert codes.shape == (n, 576) and torch.isfinite(imgs).all()
-    print(f"\n[gpu] {torch.cuda.get_device_name()} {dtype} janus-pro-1b {n} image(s): {dt:.2f} s wall "
+    print(f"\n[gpu] {torch.cuda.get_device_name()} {dtype} {backend} janus-pro-1b {n} image(s): {dt:.2f} s wall "
           f"(prefill {p.last_timings['prefill_s']:.3f} s, 576 steps {p.last_timings['decode_s']:.2f} s)")
 
 

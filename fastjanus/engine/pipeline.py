@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,10 +11,11 @@ import torch
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
 from ..errors import ConfigError, InputError
+from ..kernels import triton_status
 from ..image import preprocess, to_pil
 from ..models.janus import JanusModel, known_unused_key
 from ..tokenizer import JanusTokenizer
-from .sampling import cfg_mix, sample
+from .sampling import KernelSampler, TorchSampler, cfg_mix
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -47,6 +49,35 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
+BACKENDS = ("torch", "triton")
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """"triton" on CUDA when Triton imports, else "torch"; an explicit choice is checked and explained."""
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS} or None (auto), got {backend!r}")
+    if backend == "torch":
+        return backend
+    ok, interp, info = triton_status()
+    if backend is None:
+        if device.type != "cuda":
+            return "torch"
+        if not ok:
+            warnings.warn(f"Triton is not importable ({info}); using the slower torch backend", stacklevel=3)
+            return "torch"
+        backend = "triton"
+    if not ok:
+        raise InputError(f"backend='triton' needs Triton, which does not import here ({info}); "
+                         "install triton or use backend='torch'")
+    if device.type == "cpu" and not interp:
+        raise InputError("backend='triton' on the CPU runs the kernels through Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 in the environment before Python starts, or use backend='torch'")
+    if device.type == "cuda" and interp:
+        warnings.warn("TRITON_INTERPRET=1 is set: the Triton kernels run in the interpreter on the host, very "
+                      "slowly; unset it for real GPU speed", stacklevel=3)
+    return backend
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -68,19 +99,21 @@ def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
 
 class JanusPipeline:
     def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, device: torch.device, dtype: torch.dtype,
-                 weights: WeightFiles | None = None, path: Path | None = None):
+                 weights: WeightFiles | None = None, path: Path | None = None, backend: str = "torch"):
         self.model, self.tokenizer = model, tokenizer
         self.cfg: JanusConfig = model.cfg
         self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
+        self.backend = backend
         self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ helpers
-    def _generator(self, seed: int | None) -> torch.Generator:
+    @staticmethod
+    def _seed(seed: int | None) -> int:
         if seed is None:  # draws from torch's global RNG, so torch.manual_seed() also makes runs repeatable
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise InputError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return seed
 
     def _check_context(self, length: int, extra: int, what: str) -> None:
         limit = self.cfg.language.max_position_embeddings
@@ -94,7 +127,7 @@ class JanusPipeline:
 
     # -------------------------------------------------------------------------- text → image codes
     def _image_prefill(self, prompt, num_images: int):
-        """Prefill the interleaved CFG batch. Returns (cache, last hidden [2N, D], next positions [2N], T)."""
+        """Prefill the interleaved CFG batch. Returns (last hidden [2N, D], cache, longest prompt T)."""
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)):
@@ -116,24 +149,33 @@ class JanusPipeline:
             # Unconditional row: every position but the first (BOS) and the last (<begin_of_image>) is pad.
             uncond = [ids[0]] + [tk.pad_id] * (len(ids) - 2) + [ids[-1]]
             rows += [ids, uncond] * num_images
+        T = max(len(r) for r in rows)
+        h, cache, _ = self._prefill(rows, T + n_tok)
+        return h, cache, T
+
+    def _prefill(self, rows: list[list[int]], capacity: int, image_embeds: torch.Tensor | None = None):
+        """Right-padded prefill of token rows into a new cache of `capacity` slots per row.
+
+        Returns (hidden state of each row's last real token [R, D], cache, all hidden states [R, T, D]).
+        image_embeds [R, n, D] replace the image placeholder tokens (understanding)."""
         R, T = len(rows), max(len(r) for r in rows)
-        tokens = torch.full((R, T), tk.pad_id, dtype=torch.long)
-        valid = torch.zeros(R, T, dtype=torch.bool)
-        for r, ids in enumerate(rows):  # left padding, masked out of attention
-            tokens[r, T - len(ids):] = torch.tensor(ids)
-            valid[r, T - len(ids):] = True
-        tokens, valid = tokens.to(self.device), valid.to(self.device)
-        positions = (valid.long().cumsum(1) - 1).clamp_(min=0)  # [R, T], 0 at each row's first real token
-        cache = self.model.new_cache(R, T + n_tok)
-        cache.valid[:, :T] = valid
-        h = self.model.llm(self.model.embed_text(tokens), positions, cache, 0)[:, -1]  # [R, D]
-        return cache, h, positions[:, -1] + 1, T
+        tokens = torch.full((R, T), self.tokenizer.pad_id, dtype=torch.long)
+        for r, ids in enumerate(rows):
+            tokens[r, :len(ids)] = torch.tensor(ids)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        x = self.model.embed_text(tokens)  # [R, T, D]
+        if image_embeds is not None:
+            x[tokens == self.tokenizer.image_id] = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
+        cache = self.model.new_cache(R, capacity)
+        h = self.model.llm.prefill(x, cache, lengths)  # [R, T, D]
+        return h[torch.arange(R, device=self.device), lengths.long() - 1], cache, h  # [R, D]
 
     @torch.inference_mode()
     def first_step_logits(self, prompt, num_images: int = 1, cfg_weight: float = 5.0) -> torch.Tensor:
         """Guided logits of the first image token, [N, codebook] fp32 (for inspection and tests)."""
         _check_sampling(1.0, None, None, cfg_weight)
-        _, h, _, _ = self._image_prefill(prompt, num_images)
+        h, _, _ = self._image_prefill(prompt, num_images)
         return cfg_mix(self.model.gen_head(h), cfg_weight)
 
     @torch.inference_mode()
@@ -142,31 +184,32 @@ class JanusPipeline:
                               progress: bool = False) -> torch.LongTensor:
         """Image codes [N, 576] (row-major 24×24 grid), N = len(prompts) × num_images, in prompt order."""
         _check_sampling(temperature, top_k, top_p, cfg_weight)
-        gen = self._generator(seed)
+        seed = self._seed(seed)
         m, n_tok = self.model, self.cfg.num_image_tokens
         t0 = time.perf_counter()
-        cache, h, pos, T = self._image_prefill(prompt, num_images)
+        h, cache, T = self._image_prefill(prompt, num_images)
         self._sync()
         t1 = time.perf_counter()
-        codes = torch.empty(h.shape[0] // 2, n_tok, dtype=torch.long, device=self.device)
         steps = range(n_tok)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="image tokens", unit="tok", leave=False)
+        sampler = self._sampler(h.shape[0] // 2, n_tok, cfg_weight, temperature, seed, top_k, top_p, paired=True)
         for i in steps:
-            tok = sample(cfg_mix(m.gen_head(h), cfg_weight), temperature, gen, top_k, top_p)  # [N]
-            codes[:, i] = tok
+            sampler(m.gen_head(h))  # [N] codes, written to sampler.codes[:, i] and, per row, to sampler.rows [2N]
             if i == n_tok - 1:
                 break
-            slot = T + i
-            cache.valid[:, slot] = True
-            x = m.embed_image_codes(tok.repeat_interleave(2))[:, None]  # same code to both rows of a pair
-            h = m.llm(x, pos[:, None], cache, slot)[:, 0]
-            pos = pos + 1
-        out = codes.cpu()
+            x = m.embed_image_codes(sampler.rows)  # [2N, D]: the same code to both rows of a pair
+            h = m.llm.decode(x, cache, self.backend, bound=T + i + 1)
+        out = sampler.codes.cpu()
         t2 = time.perf_counter()
         self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok}
         return out
+
+    def _sampler(self, n: int, steps: int, cfg_weight, temperature, seed: int, top_k, top_p, paired: bool):
+        if self.backend == "triton" and top_p is None:
+            return KernelSampler(n, steps, cfg_weight, temperature, seed, top_k, paired, self.device)
+        return TorchSampler(n, steps, cfg_weight, temperature, seed, top_k, top_p, paired, self.device)
 
     # ---------------------------------------------------------------------------- codes → pixels
     def _check_codes(self, codes) -> torch.Tensor:
@@ -195,7 +238,7 @@ class JanusPipeline:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
-        return torch.cat([vq.decode_codes(c) for c in codes.split(batch_size)])
+        return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
 
     def decode_image_tokens(self, codes, batch_size: int = 8):
         t0 = time.perf_counter()
@@ -233,21 +276,16 @@ class JanusPipeline:
         if tag in question:
             raise InputError(f"question must not contain the image tag {tag!r}; the image is inserted for you")
         n_img = self.cfg.vision.num_patches
-        ids = torch.tensor(self.tokenizer.understanding_prompt(question, n_img), device=self.device)[None]  # [1, T]
-        T = ids.shape[1]
+        ids = self.tokenizer.understanding_prompt(question, n_img)
+        T = len(ids)
         self._check_context(T, max_new_tokens, "the question with its image")
-        x = self.model.embed_text(ids)  # [1, T, D]
         img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
-        x[ids == self.tokenizer.image_id] = img.reshape(-1, img.shape[-1]).to(x.dtype)
-        cache = self.model.new_cache(1, T + max_new_tokens)
-        cache.valid[:, :T] = True
-        h = self.model.llm(x, torch.arange(T, device=self.device)[None], cache, 0)  # [1, T, D]
-        return cache, h, T
+        return self._prefill([ids], T + max_new_tokens, image_embeds=img), T
 
     @torch.inference_mode()
     def understanding_logits(self, image, question: str) -> torch.Tensor:
         """Text logits over the whole prompt [T, vocab] (fp32): the first answer token is the last row."""
-        _, h, _ = self._understanding_prefill(image, question, 1)
+        (_, _, h), _ = self._understanding_prefill(image, question, 1)
         return self.model.language_model.lm_head(h[0]).float()
 
     @torch.inference_mode()
@@ -256,14 +294,14 @@ class JanusPipeline:
         if not _positive_int(max_new_tokens):
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
-        gen = self._generator(seed)
+        seed = self._seed(seed)
         t0 = time.perf_counter()
-        cache, h, T = self._understanding_prefill(image, question, max_new_tokens)
-        h = h[:, -1]
+        (h, cache, _), T = self._understanding_prefill(image, question, max_new_tokens)
         lm_head, out = self.model.language_model.lm_head, []
+        sampler = self._sampler(1, max_new_tokens, None, temperature, seed, top_k, top_p, paired=False)
         t_first = None
         for i in range(max_new_tokens):
-            tok = sample(lm_head(h).float(), temperature, gen, top_k, top_p)  # [1]
+            tok = sampler(lm_head(h))  # [1]
             t = int(tok)  # host sync per token: the eager path checks EOS every step
             if t_first is None:
                 t_first = time.perf_counter()
@@ -272,9 +310,7 @@ class JanusPipeline:
             out.append(t)
             if i == max_new_tokens - 1:
                 break
-            cache.valid[:, T + i] = True
-            h = self.model.llm(self.model.embed_text(tok[:, None]), torch.tensor([[T + i]], device=self.device),
-                               cache, T + i)[:, -1]
+            h = self.model.llm.decode(self.model.embed_text(tok), cache, self.backend, bound=T + i + 1)
         t_end = time.perf_counter()
         self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out)}
         return out
@@ -290,11 +326,15 @@ def _vq_processor(proc, size):
     return replace(proc, image_size=size, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 
 
-def load(path, device=None, dtype=None, progress: bool = False) -> JanusPipeline:
-    """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files)."""
+def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None) -> JanusPipeline:
+    """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
+
+    backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
+    "triton" on the CPU needs TRITON_INTERPRET=1 and is slow but exact: it is how CI tests the kernels."""
     path = Path(path)
     cfg = JanusConfig.from_file(path)
     dev, dt = resolve_device_dtype(device, dtype)
+    backend = resolve_backend(backend, dev)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
     if proc.num_image_tokens != cfg.vision.num_patches or proc.image_size != cfg.vision.image_size:
@@ -304,4 +344,4 @@ def load(path, device=None, dtype=None, progress: bool = False) -> JanusPipeline
         model = JanusModel(cfg)
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
     model.eval()
-    return JanusPipeline(model, tokenizer, dev, dt, files, path)
+    return JanusPipeline(model, tokenizer, dev, dt, files, path, backend)

@@ -1,9 +1,13 @@
-"""Llama decoder with a preallocated, static-shaped KV cache.
+"""Llama decoder with a preallocated, static-shaped KV cache and per-row lengths held on the device.
 
 Module names follow the official checkpoint (`language_model.model.layers.{i}.self_attn.q_proj`, ...), so a
-state dict loads without renaming. Rows of a batch are left-aligned in the cache: slot `s` of every row is
-written at the same step, and a per-row key mask (`KVCache.valid`) hides left padding. Rotary positions are
-per row, so a padded row counts positions from its first real token.
+state dict loads without renaming. Row b of the cache holds `lengths[b]` tokens at slots 0..lengths[b]−1:
+prompts of different lengths are right-padded for the prefill (causal attention never lets a real token see
+the padding after it) and each row's next token is written at its own slot, so decode needs no mask beyond
+the lengths and runs from device state alone (graph-replayable). Rotary position = slot index.
+
+`backend` picks the decode attention: "torch" (SDPA over the masked cache, `kernels.reference`) or "triton"
+(flash-decoding, `kernels.decode_attention`). Prefill uses torch SDPA (flash-attn when installed, on CUDA).
 """
 from __future__ import annotations
 
@@ -12,16 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
+from ..kernels.reference import decode_attention_ref
+
+try:  # optional: only used for the causal prefill on CUDA in fp16/bf16
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
 
 class KVCache:
-    """k, v: [layers, rows, kv_heads, max_len, head_dim], allocated once; valid: [rows, max_len] key mask."""
+    """k, v: [layers, rows, kv_heads, max_len, head_dim], allocated once; lengths: [rows] int32, tokens held."""
 
     def __init__(self, cfg: LlamaConfig, rows: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(rows, max_len, device=device, dtype=torch.bool)
+        self.lengths = torch.zeros(rows, device=device, dtype=torch.int32)
         self.max_len = max_len
 
     @property
@@ -58,6 +68,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, hd], k/v [B, Hkv, T, hd] → [B, H, T, hd], causal (the prefill)."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -68,18 +85,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int, mask):
-        B, T, _ = x.shape  # [B, T, D]
+    def prefill(self, x, cos, sin, k_cache, v_cache):
+        """x [B, T, D] at slots 0..T−1 of every row; writes those cache slots (padding included, never read)."""
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache[:, :, start:start + T] = k
-        v_cache[:, :, start:start + T] = v
-        end = start + T
-        o = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-                                           enable_gqa=self.n_kv != self.n_heads)  # [B, H, T, hd]
+        k_cache[:, :, :T] = k
+        v_cache[:, :, :T] = v
+        o = causal_attention(q, k, v)  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def decode(self, x, cos, sin, k_cache, v_cache, lengths, backend: str, bound: int | None):
+        """x [B, D], one new token per row at slot lengths[b]; attends over slots 0..lengths[b]."""
+        B, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(B, self.n_heads, self.head_dim), cos, sin)  # [B, H, hd]
+        k = apply_rotary(self.k_proj(x).view(B, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, hd]
+        v = self.v_proj(x).view(B, self.n_kv, self.head_dim)
+        if backend == "triton":
+            from ..kernels.decode_attention import decode_attention
+            o = decode_attention(q, k, v, k_cache, v_cache, lengths)
+        else:
+            o = decode_attention_ref(q, k, v, k_cache, v_cache, lengths, bound=bound)  # [B, H, hd]
+        return self.o_proj(o.reshape(B, -1))
 
 
 class MLP(nn.Module):
@@ -101,8 +130,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+    def prefill(self, x, cos, sin, k_cache, v_cache):  # [B, T, D]
+        x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin, k_cache, v_cache, lengths, backend, bound):  # [B, D]
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, lengths, backend, bound)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,22 +147,30 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """x [B, T, D] embeddings written at cache slots start..start+T-1 → normed hidden [B, T, D].
+    def prefill(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] right-padded embeddings, lengths [B] real tokens per row → normed hidden [B, T, D].
 
-        cache.valid must already mark the new slots (False for left padding)."""
+        Fills cache slots 0..T−1 and sets cache.lengths; the caller reads row b's hidden at lengths[b] − 1."""
         B, T, _ = x.shape
-        end = start + T
-        slots = torch.arange(end, device=x.device)
-        q_slots = slots[start:]
-        causal = slots[None, :] <= q_slots[:, None]  # [T, end]
-        # A padded query may see only itself: an all-masked row would give NaN, and NaN in a pad slot's
-        # K/V poisons every later query through 0·NaN in the attention-weighted sum.
-        mask = (cache.valid[:, None, :end] | (slots[None, None, :] == q_slots[None, :, None])) & causal
-        mask = mask[:, None]  # [B, 1, T, end]
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if T > cache.max_len:
+            raise ValueError(f"prefill of {T} tokens exceeds the cache's {cache.max_len} slots")
+        positions = torch.arange(T, device=x.device)[None]  # [1, T]
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [1, 1, T, hd]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+            x = layer.prefill(x, cos, sin, cache.k[i], cache.v[i])
+        cache.lengths.copy_(lengths)
+        return self.norm(x)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, backend: str = "torch", bound: int | None = None) -> torch.Tensor:
+        """x [B, D], one token per row → normed hidden [B, D]; appends to the cache and advances cache.lengths.
+
+        bound (torch backend): a host-side upper limit on every row's new length, so eager attention reads
+        only cache[:bound]; None reads the whole cache. Requires lengths < max_len (the caller's plan)."""
+        cos, sin = rotary_cos_sin(cache.lengths[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, hd]: the same rotation for every head
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, cos, sin, cache.k[i], cache.v[i], cache.lengths, backend, bound)
+        cache.lengths += 1
         return self.norm(x)
 
 

@@ -161,9 +161,18 @@ class VQModel(nn.Module):
         z = F.normalize(self.quantize.embedding(codes), dim=-1)  # [B, g·g, e]
         return z.view(codes.shape[0], g, g, -1).permute(0, 3, 1, 2)
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, g·g] → images [B, 3, S, S], roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(self.codes_to_latent(codes)))
+    def decode_codes(self, codes: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """codes [B, g·g] → images [B, 3, S, S], roughly in [-1, 1].
+
+        backend "triton": lookup, normalisation and post_quant_conv in one kernel (`kernels.vq_lookup`)."""
+        if backend == "triton":
+            from ..kernels.vq_lookup import vq_lookup
+            pq = self.post_quant_conv
+            z = vq_lookup(codes, self.quantize.embedding.weight, grid=self.cfg.grid, conv_weight=pq.weight,
+                          conv_bias=pq.bias)  # [B, z, g, g]
+        else:
+            z = self.post_quant_conv(self.codes_to_latent(codes))
+        return self.decoder(z)
 
     def encode_to_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] in [-1, 1] → codes [B, g·g]: nearest codebook entry by cosine similarity

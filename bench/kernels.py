@@ -1,0 +1,153 @@
+"""Kernel microbenchmarks: each Triton kernel next to the torch ops it replaces and against the roofline.
+
+    python -m fastjanus.bench.kernels [--dtype bf16] [--json bench/results/kernels-<device>-<date>.json]
+
+Needs CUDA. One run measures the device's copy bandwidth (a 1 GiB device-to-device copy: read + write bytes
+over the median time) and then, per kernel and shape, the median time of the kernel and of the torch
+reference with `triton.testing.do_bench` (CUDA events; L2 flushed before every repeat), the bytes the op must
+move at minimum, the achieved GB/s and its fraction of the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+# Shapes from the issue: Pro-1B has 16 heads × 128, Pro-7B 32 × 128 (both MHA); a 576-token image after a
+# prompt of up to ~124 tokens means KV lengths up to 700; 2 rows = 1 image with CFG, 32 rows = 16 images.
+ATTN_SHAPES = [("janus-pro-1b", 16, 128), ("janus-pro-7b", 32, 128)]
+ROWS = [2, 32]
+KV_LEN = 700
+CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID = 16384, 8, 256, 24
+
+
+def attention_bytes(rows: int, kv_heads: int, length: int, head_dim: int, elem: int, heads: int | None = None) -> int:
+    """Minimum traffic of one decode-attention call: K and V of `length` cached slots read, the new K/V slot
+    written (and read from its input), q read and the output written."""
+    heads = kv_heads if heads is None else heads
+    kv = rows * kv_heads * head_dim * elem * (2 * length + 4)
+    return kv + 2 * rows * heads * head_dim * elem
+
+
+def sample_bytes(rows: int, vocab: int, elem: int) -> int:
+    """Minimum traffic of the fused sampler: every logit read once (the outputs are a few bytes per pair)."""
+    return rows * vocab * elem
+
+
+def vq_lookup_bytes(images: int, positions: int, embed_dim: int, channels: int, elem: int) -> int:
+    """codes read (int64), one codebook row gathered per position, the conv output written."""
+    return images * positions * (8 + embed_dim * elem + channels * elem)
+
+
+def _median_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _row(name, shape, ms, ref_ms, nbytes, bw):
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    return {"kernel": name, "shape": shape, "ms": ms, "torch_ms": ref_ms, "speedup": ref_ms / ms, "bytes": nbytes,
+            "gbs": gbs, "roofline_fraction": gbs / bw}
+
+
+def run(dtype: torch.dtype) -> dict:
+    import triton
+
+    from ..engine.sampling import cfg_mix
+    from ..kernels.cfg_sample import cfg_sample
+    from ..kernels.decode_attention import decode_attention
+    from ..kernels.reference import decode_attention_ref, vq_lookup_ref
+    from ..kernels.vq_lookup import vq_lookup
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    bw = copy_bandwidth_gbs()
+    results = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    for arch, heads, hd in ATTN_SHAPES:
+        for rows in ROWS:
+            S = KV_LEN + 1
+            r = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
+            q, kn, vn = r(rows, heads, hd), r(rows, heads, hd), r(rows, heads, hd)
+            kc, vc = r(rows, heads, S, hd), r(rows, heads, S, hd)
+            L = torch.full((rows,), KV_LEN - 1, dtype=torch.int32, device="cuda")  # attend over 700 slots
+            out = torch.empty_like(q)
+            ms = _median_ms(lambda: decode_attention(q, kn, vn, kc, vc, L, out=out))
+            # torch reference: index_put append + SDPA with a [rows, 1, 1, S] mask (what backend="torch" runs)
+            ref_ms = _median_ms(lambda: decode_attention_ref(q, kn, vn, kc, vc, L, bound=KV_LEN))
+            results.append(_row("decode_attention", {"arch": arch, "rows": rows, "heads": heads, "head_dim": hd,
+                                                     "kv_len": KV_LEN}, ms, ref_ms,
+                                attention_bytes(rows, heads, KV_LEN - 1, hd, elem, heads), bw))
+
+    for rows in ROWS:
+        logits = torch.randn(rows, CODEBOOK, generator=gen, device="cuda").to(dtype)
+        w, t, seed, step = (torch.tensor([5.0], device="cuda"), torch.tensor([1.0], device="cuda"),
+                            torch.tensor([0], device="cuda"), torch.tensor([0], device="cuda"))
+        out = torch.empty(rows // 2, dtype=torch.int64, device="cuda")
+        ms = _median_ms(lambda: cfg_sample(logits, cfg_weight=w, temperature=t, seed=seed, step=step, out=out))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        # the torch sequence it replaces (the official sampler's): mix, scale, softmax, multinomial
+        ref_ms = _median_ms(lambda: torch.multinomial(torch.softmax(cfg_mix(logits, 5.0) / 1.0, -1), 1, generator=g))
+        results.append(_row("cfg_sample", {"rows": rows, "vocab": CODEBOOK, "temperature": 1.0}, ms, ref_ms,
+                            sample_bytes(rows, CODEBOOK, elem), bw))
+
+    for images in (1, 16):
+        codes = torch.randint(0, CODEBOOK, (images, GRID * GRID), generator=gen, device="cuda")
+        emb = torch.randn(CODEBOOK, EMBED_DIM, generator=gen, device="cuda").to(dtype)
+        cw = torch.randn(Z_CHANNELS, EMBED_DIM, 1, 1, generator=gen, device="cuda").to(dtype)
+        cb = torch.randn(Z_CHANNELS, generator=gen, device="cuda").to(dtype)
+        out = torch.empty(images, Z_CHANNELS, GRID, GRID, dtype=dtype, device="cuda")
+        ms = _median_ms(lambda: vq_lookup(codes, emb, grid=GRID, conv_weight=cw, conv_bias=cb, out=out))
+        ref_ms = _median_ms(lambda: vq_lookup_ref(codes, emb, grid=GRID, conv_weight=cw, conv_bias=cb))
+        results.append(_row("vq_lookup+post_quant_conv", {"images": images, "grid": GRID, "codebook": CODEBOOK,
+                                                          "channels": Z_CHANNELS}, ms, ref_ms,
+                            vq_lookup_bytes(images, GRID * GRID, EMBED_DIM, Z_CHANNELS, elem), bw))
+
+    return {"device": torch.cuda.get_device_name(), "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "date": datetime.date.today().isoformat(), "copy_bandwidth_gbs": bw,
+            "method": "triton.testing.do_bench median (CUDA events, warmup 25 ms, rep 200 ms, L2 flushed per "
+                      "repeat); bandwidth = 2 x 1 GiB device copy / median time",
+            "results": results}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['device']}  {report['dtype']}  torch {report['torch']}  triton {report['triton']}  "
+             f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s",
+             f"{'kernel':28s} {'shape':52s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
+    for r in report["results"]:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        lines.append(f"{r['kernel']:28s} {shape:52s} {r['ms']:8.4f} {r['torch_ms']:9.4f} {r['speedup']:6.1f} "
+                     f"{r['gbs']:7.0f} {r['roofline_fraction']:5.0%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastjanus.bench.kernels", description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--json", default=None, help="write the report here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fastjanus bench: error: kernel microbenchmarks need a CUDA device (none visible); "
+              "CPU timings of the Triton interpreter would mean nothing", file=sys.stderr)
+        return 2
+    report = run({"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
