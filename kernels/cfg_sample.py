@@ -10,6 +10,10 @@ temperature == 0 (read on the device) gives argmax, ties to the lowest index as 
 top-k keeps the guided logits ≥ the k-th largest one (ties kept, as in `filter_top_k_top_p`); the threshold
 comes from `_topk_threshold_kernel`, an exact 32-step radix select over order-preserving integer keys.
 
+The guided-logit kernels are compiled with enable_fp_fusion=False: with fusion, u + w·(c − u) becomes one
+FMA (one rounding instead of torch's two) and ~27% of fp32 guided logits differ from `cfg_mix` by an ulp,
+which breaks exact top-k thresholds and argmax parity (found by lowering to PTX; the interpreter never fuses).
+
 The same kernels sample text (`paired=False`: each row is its own distribution, no guidance).
 Torch reference: `fastjanus.engine.sampling` (`cfg_mix`, `sample`); the streams differ (Philox vs torch's
 generator), the distributions and the greedy result do not.
@@ -64,8 +68,9 @@ def _cfg_sample_tile_kernel(logits_ptr, row_stride, V, w_ptr, temp_ptr, seed_ptr
 
 
 @triton.jit
-def _cfg_sample_merge_kernel(part_val_ptr, part_idx_ptr, n_tiles, out_ptr, rows_out_ptr, hist_ptr, hist_stride,
-                             step_ptr, HAS_ROWS: tl.constexpr, HAS_HIST: tl.constexpr, BLOCK_T: tl.constexpr):
+def _cfg_sample_merge_kernel(part_val_ptr, part_idx_ptr, n_tiles, V, out_ptr, rows_out_ptr, hist_ptr, hist_stride,
+                             hist_len, step_ptr, HAS_ROWS: tl.constexpr, HAS_HIST: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
     n = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     mask = t < n_tiles
@@ -73,14 +78,16 @@ def _cfg_sample_merge_kernel(part_val_ptr, part_idx_ptr, n_tiles, out_ptr, rows_
     idx = tl.load(part_idx_ptr + n * n_tiles + t, mask=mask, other=2147483647)
     best = tl.max(val, axis=0)
     # tiles cover increasing index ranges, so the lowest index among the maxima is the global first one
-    tok = tl.min(tl.where(mask & (val == best), idx, 2147483647), axis=0).to(tl.int64)
+    tok = tl.min(tl.where(mask & (val == best), idx, 2147483647), axis=0)
+    # only an all-NaN/−inf row leaves no winner; keep the code in range rather than write 2^31 − 1
+    tok = tl.minimum(tok, V - 1).to(tl.int64)
     tl.store(out_ptr + n, tok)
     if HAS_ROWS:  # the code goes to both rows of the pair for the next step's embedding
         tl.store(rows_out_ptr + 2 * n, tok)
         tl.store(rows_out_ptr + 2 * n + 1, tok)
     if HAS_HIST:
         step = tl.load(step_ptr)
-        tl.store(hist_ptr + n * hist_stride + step, tok)
+        tl.store(hist_ptr + n * hist_stride + step, tok, mask=step < hist_len)  # never past the buffer
 
 
 @triton.jit
@@ -117,6 +124,9 @@ def _scalar(x, dtype: torch.dtype, device: torch.device, name: str) -> torch.Ten
         assert x.numel() == 1 and x.dtype == dtype and x.device == device, \
             f"{name}: expected a 1-element {dtype} tensor on {device}, got {x.dtype} {list(x.shape)} on {x.device}"
         return x
+    # a host number costs a blocking host→device copy: fine eagerly, impossible inside a graph capture
+    assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+        f"{name}: pass a device tensor while capturing a CUDA graph (a Python number would be baked in)"
     return torch.tensor([x], dtype=dtype, device=device)
 
 
@@ -134,7 +144,7 @@ def topk_threshold(logits: torch.Tensor, *, k: int, cfg_weight=1.0, paired: bool
     w = _scalar(cfg_weight, torch.float32, logits.device, "cfg_weight")
     block = min(block_v, triton.next_power_of_2(V))
     _topk_threshold_kernel[(N,)](logits, logits.stride(0), V, w, k, out, PAIRED=paired, BLOCK_V=block,
-                                 num_warps=8)
+                                 num_warps=8, enable_fp_fusion=False)
     return out
 
 
@@ -143,9 +153,10 @@ def cfg_sample(logits: torch.Tensor, *, cfg_weight=1.0, temperature=1.0, seed=0,
                history: torch.Tensor | None = None, block_v: int = 1024) -> torch.Tensor:
     """Sample one token per pair (paired=True, rows 2n / 2n+1 = cond / uncond) or per row → out [N] int64.
 
-    cfg_weight, temperature (fp32), seed, step (int64) may be Python numbers or 1-element device tensors;
-    pass tensors to replay a captured graph with new values. Optional caller-owned outputs: rows_out [2N]
-    (each code written to both rows of its pair) and history [N, L] (written at column `step`).
+    cfg_weight, temperature (fp32), seed, step (int64) may be Python numbers (each costs a blocking host→device
+    copy) or 1-element device tensors (no sync; required under graph capture, and replays read new values).
+    Optional caller-owned outputs: rows_out [2N] (each code written to both rows of its pair) and history
+    [N, L] (written at column `step`; a step ≥ L writes nothing).
     """
     R, V = logits.shape
     dev = logits.device
@@ -174,10 +185,12 @@ def cfg_sample(logits: torch.Tensor, *, cfg_weight=1.0, temperature=1.0, seed=0,
     part_idx = torch.empty(N, n_tiles, dtype=torch.int32, device=dev)
     _cfg_sample_tile_kernel[(N, n_tiles)](
         logits, logits.stride(0), V, w, temp, seed_t, step_t, thr if thr is not None else part_val,
-        part_val, part_idx, n_tiles, PAIRED=paired, HAS_THR=thr is not None, BLOCK_V=block, num_warps=4)
+        part_val, part_idx, n_tiles, PAIRED=paired, HAS_THR=thr is not None, BLOCK_V=block, num_warps=4,
+        enable_fp_fusion=False)
     _cfg_sample_merge_kernel[(N,)](
-        part_val, part_idx, n_tiles, out, rows_out if rows_out is not None else out,
-        history if history is not None else out, history.stride(0) if history is not None else 0, step_t,
+        part_val, part_idx, n_tiles, V, out, rows_out if rows_out is not None else out,
+        history if history is not None else out, history.stride(0) if history is not None else 0,
+        history.shape[1] if history is not None else 0, step_t,
         HAS_ROWS=rows_out is not None, HAS_HIST=history is not None,
         BLOCK_T=max(triton.next_power_of_2(n_tiles), 2), num_warps=1)
     return out

@@ -28,6 +28,7 @@ _LOG2E = 1.4426950408889634
 def _decode_attention_split_kernel(
         q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, len_ptr, part_o_ptr, part_ml_ptr,
         stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cs, qk_scale, split_len, num_splits,
+        capacity,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
@@ -47,7 +48,7 @@ def _decode_attention_split_kernel(
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
     lo = s * split_len
     hi = tl.minimum(lo + split_len, L)
-    kv_base = b * stride_cb + hk * stride_ch
+    kv_base = b.to(tl.int64) * stride_cb + hk * stride_ch  # int64: rows·heads·slots·D can pass 2^31
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < hi
@@ -63,7 +64,9 @@ def _decode_attention_split_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
 
-    if L // split_len == s:  # this split holds slot L: fold in the new token and append it to the cache
+    # this split holds slot L: fold in the new token and append it (L == capacity, a broken caller
+    # precondition, would write into the next head's slot 0, so it is skipped instead)
+    if (L // split_len == s) & (L < capacity):
         nb = b * stride_nb + hk * stride_nh + d
         kn = tl.load(k_new_ptr + nb)
         vn = tl.load(v_new_ptr + nb)
@@ -156,7 +159,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     _decode_attention_split_kernel[(B * Hkv, num_splits)](
         q, k_new, v_new, k_cache, v_cache, lengths, part_o, part_ml,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale, split_len, num_splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale, split_len, num_splits, S,
         H_KV=Hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_N=block_n, num_warps=4)
     _decode_attention_merge_kernel[(B * H,)](
         part_o, part_ml, out, out.stride(0), out.stride(1), num_splits,

@@ -14,12 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _vq_lookup_kernel(codes_ptr, emb_ptr, w_ptr, bias_ptr, out_ptr, P, C, stride_codes, stride_out, eps,
+def _vq_lookup_kernel(codes_ptr, emb_ptr, w_ptr, bias_ptr, out_ptr, P, C, K, stride_codes, stride_out, eps,
                       E: tl.constexpr, FUSE_CONV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
     code = tl.load(codes_ptr + b * stride_codes + p, mask=pmask, other=0).to(tl.int64)
+    code = tl.minimum(tl.maximum(code, 0), K - 1)  # callers validate codes; a bad one must not read out of bounds
     sumsq = tl.zeros([BLOCK_P], tl.float32)
     for j in tl.static_range(E):
         e = tl.load(emb_ptr + code * E + j, mask=pmask, other=0.0).to(tl.float32)
@@ -69,6 +70,6 @@ def vq_lookup(codes: torch.Tensor, embedding: torch.Tensor, *, grid: int, conv_w
     block_c = min(64, triton.next_power_of_2(C)) if fuse else 1
     launch = (B, triton.cdiv(P, block_p), triton.cdiv(C, block_c) if fuse else 1)
     _vq_lookup_kernel[launch](codes, embedding, conv_weight if fuse else embedding,
-                              conv_bias if fuse else embedding, out, P, C, codes.stride(0), out.stride(0), eps,
+                              conv_bias if fuse else embedding, out, P, C, K, codes.stride(0), out.stride(0), eps,
                               E=E, FUSE_CONV=fuse, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return out

@@ -113,3 +113,10 @@ def test_launcher_rejects_bad_arguments():
     with pytest.raises(AssertionError, match="1-element"):
         cfg_sample(torch.randn(2, 10, device=DEV), temperature=torch.ones(2, device=DEV))
 
+
+
+def test_history_write_past_the_buffer_is_dropped():
+    logits = torch.randn(4, 30, device=DEV)
+    hist = torch.full((2, 3), -7, dtype=torch.long, device=DEV)
+    out = cfg_sample(logits, temperature=0.0, step=3, history=hist)  # column 3 of a 3-wide history
+    assert (hist == -7).all() and torch.equal(out, cfg_mix(logits, 1.0).argmax(-1))

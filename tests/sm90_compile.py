@@ -1,0 +1,83 @@
+"""Compile every kernel for sm_90 (H100) without a GPU: lower to PTX and cubin with Triton's own toolchain.
+
+The interpreter that runs the CPU tests never compiles anything, so GPU-only failures (type errors in the
+code generator, unsupported ops, FMA contraction) would otherwise surface only on a lent GPU. A stand-in
+driver reports an sm_90 target; launches become `warmup=True` compiles with the same argument
+specialisation a GPU launch would get (shapes of the published models). Prints one JSON line.
+Run by tests/test_kernel_compile.py in a subprocess (TRITON_INTERPRET must be off before Triton imports).
+"""
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+class _Sm90(DriverBase):
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+
+driver.set_active(_Sm90())
+PTX: dict[str, list[str]] = {}
+_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    k = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    PTX.setdefault(self.fn.__name__, []).append(k.asm["ptx"])
+    return k
+
+
+JITFunction.run = _compile_only
+
+from fastjanus.kernels.cfg_sample import cfg_sample  # noqa: E402
+from fastjanus.kernels.decode_attention import decode_attention  # noqa: E402
+from fastjanus.kernels.vq_lookup import vq_lookup  # noqa: E402
+
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for B, H, Hkv, D in [(32, 32, 32, 128), (2, 16, 16, 128), (3, 12, 4, 64)]:
+        S = 701
+        r = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+        decode_attention(r(B, H, D), r(B, Hkv, D), r(B, Hkv, D), r(B, Hkv, S, D), r(B, Hkv, S, D),
+                         torch.zeros(B, dtype=torch.int32), num_splits=11)
+    for n, V, paired in [(16, 16384, True), (1, 102400, False)]:
+        w, t = torch.tensor([5.0]), torch.tensor([1.0])
+        seed, step = torch.tensor([1], dtype=torch.int64), torch.tensor([0], dtype=torch.int64)
+        cfg_sample(torch.randn(2 * n if paired else n, V).to(dtype), cfg_weight=w, temperature=t, seed=seed,
+                   step=step, top_k=100, paired=paired, history=torch.zeros(n, 576, dtype=torch.int64))
+    vq_lookup(torch.randint(0, 16384, (16, 576)), torch.randn(16384, 8).to(dtype), grid=24,
+              conv_weight=torch.randn(256, 8, 1, 1).to(dtype), conv_bias=torch.randn(256).to(dtype))
+    vq_lookup(torch.randint(0, 16384, (1, 576)), torch.randn(16384, 8).to(dtype), grid=24)
+
+json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()},
+           "fma_in": sorted(k for k, v in PTX.items() if any("fma.rn.f32" in p for p in v))}, sys.stdout)
