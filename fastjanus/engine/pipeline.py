@@ -11,8 +11,8 @@ import torch
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
 from ..errors import ConfigError, InputError
-from ..kernels import triton_status
 from ..image import preprocess, to_pil
+from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
 from ..tokenizer import JanusTokenizer
 from .sampling import KernelSampler, TorchSampler, cfg_mix
