@@ -83,11 +83,12 @@ class KernelSampler:
         self.codes = torch.empty(n, steps, **i64)
         self.out = torch.empty(n, **i64)
         self.rows = torch.empty(2 * n, **i64) if paired else self.out
+        from ..kernels.cfg_sample import cfg_sample  # imports Triton: only when this sampler is used
+        self._cfg_sample = cfg_sample
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        from ..kernels.cfg_sample import cfg_sample
-        cfg_sample(logits, cfg_weight=self.cfg_weight, temperature=self.temperature, seed=self.seed, step=self.step,
-                   top_k=self.top_k, paired=self.paired, out=self.out,
-                   rows_out=self.rows if self.paired else None, history=self.codes)
+        self._cfg_sample(logits, cfg_weight=self.cfg_weight, temperature=self.temperature, seed=self.seed,
+                         step=self.step, top_k=self.top_k, paired=self.paired, out=self.out,
+                         rows_out=self.rows if self.paired else None, history=self.codes)
         self.step += 1
         return self.out

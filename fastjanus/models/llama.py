@@ -11,6 +11,8 @@ the lengths and runs from device state alone (graph-replayable). Rotary position
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,17 +99,14 @@ class Attention(nn.Module):
         o = causal_attention(q, k, v)  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, lengths, backend: str, bound: int | None):
-        """x [B, D], one new token per row at slot lengths[b]; attends over slots 0..lengths[b]."""
+    def decode(self, x, cos, sin, k_cache, v_cache, lengths, attend):
+        """x [B, D], one new token per row at slot lengths[b]; attends over slots 0..lengths[b] with
+        attend(q, k_new, v_new, k_cache, v_cache, lengths) → [B, H, hd] (see LlamaModel.decode)."""
         B, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(B, self.n_heads, self.head_dim), cos, sin)  # [B, H, hd]
         k = apply_rotary(self.k_proj(x).view(B, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, hd]
         v = self.v_proj(x).view(B, self.n_kv, self.head_dim)
-        if backend == "triton":
-            from ..kernels.decode_attention import decode_attention
-            o = decode_attention(q, k, v, k_cache, v_cache, lengths)
-        else:
-            o = decode_attention_ref(q, k, v, k_cache, v_cache, lengths, bound=bound)  # [B, H, hd]
+        o = attend(q, k, v, k_cache, v_cache, lengths)  # [B, H, hd]
         return self.o_proj(o.reshape(B, -1))
 
 
@@ -134,8 +133,8 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, lengths, backend, bound):  # [B, D]
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, lengths, backend, bound)
+    def decode(self, x, cos, sin, k_cache, v_cache, lengths, attend):  # [B, D]
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, lengths, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,8 +167,12 @@ class LlamaModel(nn.Module):
         only cache[:bound]; None reads the whole cache. Requires lengths < max_len (the caller's plan)."""
         cos, sin = rotary_cos_sin(cache.lengths[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, hd]: the same rotation for every head
+        if backend == "triton":  # resolved once per step, not once per layer
+            from ..kernels.decode_attention import decode_attention as attend
+        else:
+            attend = partial(decode_attention_ref, bound=bound)
         for i, layer in enumerate(self.layers):
-            x = layer.decode(x, cos, sin, cache.k[i], cache.v[i], cache.lengths, backend, bound)
+            x = layer.decode(x, cos, sin, cache.k[i], cache.v[i], cache.lengths, attend)
         cache.lengths += 1
         return self.norm(x)
 
