@@ -1,1 +1,2 @@
-"""Benchmark harness (fastjanus.bench). Not built yet."""
+"""Benchmarks (fastjanus.bench): `harness` behind `fastjanus bench`, `kernels` microbenchmarks, `roofline`
+arithmetic, `hf_port` (the transformers baseline), `plot`."""

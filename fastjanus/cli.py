@@ -166,6 +166,11 @@ def cmd_init_random(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.harness import main as bench_main
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .random_init import FORMATS
@@ -206,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--arch", choices=["tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b"], default="tiny",
+                     help="random weights of a preset, written once into the cache (default: tiny)")
+    src.add_argument("--model", default=None, help="a checkpoint folder instead of --arch")
+    b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    b.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)")
+    b.add_argument("--backend", choices=["triton", "torch"], default=None)
+    b.add_argument("--scenario", action="append",
+                   choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
+                   help="repeat to pick several (default: all)")
+    b.add_argument("--baselines", default="torch-eager,transformers",
+                   help="comma-separated: torch-eager, transformers, or none (default: both)")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--baseline-repeats", type=int, default=None, help="default: --repeats")
+    b.add_argument("--max-batch", type=int, default=None,
+                   help="images for the throughput scenario (default: the largest power of two that fits; 8 on CPU)")
+    b.add_argument("--text-tokens", type=int, default=64, help="tokens per understanding run (EOS ignored)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", default=None, help="write the full report (conditions and every number) here")
+    b.add_argument("--plot", default=None, help="write a PNG: latency breakdown and roofline fraction")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("init-random", help="write a random checkpoint in the official layout")
     r.add_argument("--arch", required=True, choices=sorted(PRESETS))

@@ -290,7 +290,9 @@ class JanusPipeline:
 
     @torch.inference_mode()
     def answer_ids(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
-                   seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> list[int]:
+                   seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
+                   ignore_eos: bool = False) -> list[int]:
+        """Answer token ids (EOS excluded). ignore_eos=True always decodes max_new_tokens (for benchmarks)."""
         if not _positive_int(max_new_tokens):
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
@@ -305,14 +307,15 @@ class JanusPipeline:
             t = int(tok)  # host sync per token: the eager path checks EOS every step
             if t_first is None:
                 t_first = time.perf_counter()
-            if t == self.tokenizer.eos_id:
+            if t == self.tokenizer.eos_id and not ignore_eos:
                 break
             out.append(t)
             if i == max_new_tokens - 1:
                 break
             h = self.model.llm.decode(self.model.embed_text(tok), cache, self.backend, bound=T + i + 1)
         t_end = time.perf_counter()
-        self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out)}
+        self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out),
+                             "prompt_len": T}
         return out
 
     def answer(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,

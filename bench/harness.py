@@ -1,0 +1,546 @@
+"""`fastjanus bench`: latency, throughput, peak memory and roofline of every scenario, next to the baselines
+a user would pick instead, in one run.
+
+Method. Each scenario runs `warmup` untimed times, then `repeats` timed times with a fresh random prompt (or
+image and question) and a fresh seed per repeat; the device is synchronised around every timed region and
+the time is read from `time.perf_counter`. The report gives the median with min and max. Decode-step
+bytes (weights read + KV read and written) come from the shapes and the prompt lengths actually used; the
+copy bandwidth and matmul throughput they are compared with are measured at the start of the same run.
+Baselines run after all fastjanus scenarios (so the peaks measured for fastjanus hold only its own model),
+on the same weights and the same prompts and seeds.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from . import roofline as rl
+
+SCENARIOS = ("t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand")
+BASELINES = ("torch-eager", "transformers")
+ARCHES = ("tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b")
+
+_WORDS = ("red fox cabin lake mountain astronaut city night neon forest river castle cat dog portrait oil "
+          "painting watercolor sunset snow desert ocean robot garden library tower bridge market train "
+          "storm lighthouse violin owl dragon tea ceramic glass marble autumn spring winter summer misty "
+          "golden detailed cinematic soft light wide angle macro photo").split()
+
+
+@dataclass
+class BenchConfig:
+    arch: str | None = "tiny"
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    backend: str | None = None
+    scenarios: tuple[str, ...] = SCENARIOS
+    baselines: tuple[str, ...] = BASELINES
+    repeats: int = 3
+    warmup: int = 1
+    baseline_repeats: int | None = None  # None: the same as repeats
+    max_batch: int | None = None  # images for the throughput scenario; None: from free memory (CUDA), 8 on CPU
+    text_tokens: int = 64  # new tokens per understanding run (EOS ignored so every run decodes this many)
+    prompt_words: int = 12
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if (self.arch is None) == (self.model is None):
+            raise InputError("give exactly one of arch (a preset with cached random weights) or model (a folder)")
+        if self.arch is not None and self.arch not in ARCHES:
+            raise InputError(f"arch must be one of {ARCHES}, got {self.arch!r}")
+        self.scenarios = tuple(self.scenarios)
+        self.baselines = tuple(self.baselines)
+        for s in self.scenarios:
+            if s not in SCENARIOS:
+                raise InputError(f"unknown scenario {s!r}; choose from {SCENARIOS}")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise InputError(f"unknown baseline {b!r}; choose from {BASELINES} (or none)")
+        if not self.scenarios:
+            raise InputError("no scenario selected")
+        for name, lo in (("repeats", 1), ("warmup", 0), ("text_tokens", 2), ("prompt_words", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("baseline_repeats", "max_batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InputError(f"{name} must be an integer >= 1 or None, got {v!r}")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs)}
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def cached_random_model(arch: str, progress: bool = True) -> Path:
+    """The random checkpoint of a preset, written once into the fastjanus cache (speed does not depend on
+    the weight values). Written to a temporary folder first, so an interrupted write is never reused."""
+    from ..cli import _cache_dir
+    from ..random_init import init_random
+    d = _cache_dir() / f"random-{arch}"
+    if (d / "config.json").is_file() and (d / ".complete").is_file():
+        return d
+    import shutil
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    init_random(arch, tmp, seed=0, progress=progress)
+    (tmp / ".complete").write_text("ok\n")
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def random_prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+def random_image(rng: random.Random, size: int):
+    from PIL import Image
+    data = bytes(rng.getrandbits(8) for _ in range(size * size * 3)) if size <= 64 else \
+        torch.randint(0, 256, (size, size, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(rng.getrandbits(31))).numpy().tobytes()
+    return Image.frombytes("RGB", (size, size), data)
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        driver = None
+        try:
+            import subprocess
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return {"device": torch.cuda.get_device_name(device), "platform": "cuda", "driver": driver,
+                "cuda": torch.version.cuda, "sm": f"{p.major}.{p.minor}", "memory_bytes": p.total_memory,
+                "multiprocessors": p.multi_processor_count}
+    cpu = platform.processor() or platform.machine()
+    return {"device": f"CPU ({cpu}, {torch.get_num_threads()} threads)", "platform": "cpu", "driver": None,
+            "cuda": None}
+
+
+def _triton_version() -> str:
+    from ..kernels import triton_status
+    ok, _, info = triton_status()
+    return info if ok else f"unavailable ({info})"
+
+
+def _scenario(name: str, num_images, times: list[float], **extra) -> dict:
+    d = {"name": name, "num_images": num_images, **_stats(times), "decode_step_ms": None, "bytes_per_step": None,
+         "bandwidth_gbs": None, "roofline_fraction": None, "peak_mem_bytes": None, "baselines": {}}
+    d.update(extra)
+    return d
+
+
+# ----------------------------------------------------------------------------------------- the runs
+class _Runner:
+    """Runs one scenario's callable with warm-up, repeats and progress; each call gets the repeat index."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def repeat(self, what: str, fn, repeats: int) -> list[dict]:
+        rows = []
+        total = self.cfg.warmup + repeats
+        it = range(total)
+        if self.cfg.progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc=what, unit="run", leave=False, file=sys.stderr)
+        for i in it:
+            r = fn(i - self.cfg.warmup if i >= self.cfg.warmup else -1 - i)
+            if i >= self.cfg.warmup:
+                rows.append(r)
+        return rows
+
+
+def _t2i_inputs(cfg: BenchConfig, idx: int) -> tuple[str, int]:
+    """The prompt and seed of repeat idx (warm-ups get negative idx): the same for fastjanus and baselines."""
+    rng = random.Random(cfg.seed * 1_000_003 + idx)
+    return random_prompt(rng, cfg.prompt_words), (cfg.seed * 1_000_003 + idx) % (2 ** 62)
+
+
+def _fj_t2i(pipe, n: int, prompt: str, seed: int) -> dict:
+    from ..image import to_pil
+    dev = pipe.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    codes = pipe.generate_image_tokens(prompt, num_images=n, seed=seed, temperature=1.0, cfg_weight=5.0)
+    tm = dict(pipe.last_timings)
+    t1 = time.perf_counter()
+    to_pil(pipe.decode_image_pixels(codes))  # .cpu() inside: synchronises
+    t2 = time.perf_counter()
+    return {"total_s": t2 - t0, "prefill_s": tm["prefill_s"], "decode_s": tm["decode_s"], "vq_decode_s": t2 - t1,
+            "steps": tm["steps"], "prompt_len": len(pipe.tokenizer.generation_prompt(prompt))}
+
+
+def _hf_t2i(hf, pipe, n: int, prompt: str, seed: int) -> dict:
+    from transformers import GenerationConfig
+    tk, dev = pipe.tokenizer, pipe.device
+    ids = torch.tensor([tk.generation_prompt(prompt)], device=dev)
+    gc = GenerationConfig(bos_token_id=tk.bos_id, pad_token_id=tk.pad_id, eos_token_id=tk.eos_id,
+                          guidance_scale=5.0, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                          num_return_sequences=n, max_new_tokens=pipe.cfg.num_image_tokens,
+                          generation_kwargs={"boi_token_id": tk.boi_id})
+    torch.manual_seed(seed)
+    _sync(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        codes = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, generation_mode="image")
+        _sync(dev)
+        t1 = time.perf_counter()
+        px = hf.decode_image_tokens(codes)
+        px.float().cpu()
+    t2 = time.perf_counter()
+    return {"total_s": t2 - t0, "decode_s": t1 - t0, "vq_decode_s": t2 - t1}
+
+
+def _understand_inputs(cfg: BenchConfig, pipe, idx: int):
+    rng = random.Random(cfg.seed * 7_000_003 + idx)
+    return random_image(rng, pipe.cfg.vision.image_size), random_prompt(rng, 6) + "?"
+
+
+def _fj_understand(pipe, image, question: str, n: int) -> dict:
+    _sync(pipe.device)
+    ids = pipe.answer_ids(image, question, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    tm = pipe.last_timings
+    assert len(ids) == n, (len(ids), n)
+    return {"ttft_s": tm["time_to_first_token_s"], "total_s": tm["total_s"],
+            "decode_s": tm["total_s"] - tm["time_to_first_token_s"], "new_tokens": n,
+            "prompt_len": tm["prompt_len"]}
+
+
+def _hf_understand(hf, pipe, image, question: str, n: int) -> dict:
+    from ..image import preprocess
+    tk, dev = pipe.tokenizer, pipe.device
+    ids = torch.tensor([tk.understanding_prompt(question, pipe.cfg.vision.num_patches)], device=dev)
+    px = preprocess(image, tk.processor)[None].to(dev, pipe.dtype)
+    kw = dict(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
+              eos_token_id=tk.eos_id, pad_token_id=tk.eos_id)
+    out = {}
+    with torch.inference_mode():
+        for key, m in (("ttft_s", 1), ("total_s", n)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            hf.generate(**kw, max_new_tokens=m, min_new_tokens=m)
+            _sync(dev)
+            out[key] = time.perf_counter() - t0
+    out["decode_s"] = out["total_s"] - out["ttft_s"]
+    return out
+
+
+def largest_batch(pipe, cfg: BenchConfig, prompt_len: int) -> tuple[int, str]:
+    """Images for the throughput scenario: the largest power of two whose KV cache, decode workspace and VQ
+    decode batch (8 images) fit in the free device memory with a 10% margin; capped at 256."""
+    if cfg.max_batch is not None:
+        return cfg.max_batch, "--max-batch"
+    if pipe.device.type != "cuda":
+        return 8, "CPU default (8 images)"
+    from ..engine import memory as mem
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    elem = torch.empty(0, dtype=pipe.dtype).element_size()
+    c = pipe.cfg
+    best = 1
+    n = 1
+    while n <= 256:
+        need = (mem.kv_cache_bytes(c.language, elem, 2 * n, prompt_len + c.num_image_tokens)
+                + mem.decode_workspace_bytes(c, 2 * n) + mem.prefill_workspace_bytes(c, 2 * n, prompt_len, elem)
+                + mem.vq_decode_bytes(c, min(n, 8), elem))
+        if need > 0.9 * free:
+            break
+        best = n
+        n *= 2
+    return best, f"largest power of two fitting {free / 2 ** 30:.1f} GiB free (estimate, capped at 256)"
+
+
+def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict:
+    from ..engine.pipeline import JanusPipeline, load, resolve_device_dtype
+    from ..image import preprocess
+
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, cfg.progress)
+    t0 = time.perf_counter()
+    pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend)
+    log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    jc = pipe.cfg
+    elem = torch.empty(0, dtype=dtype).element_size()
+    info = device_info(device)
+    if info["platform"] == "cpu":
+        log("NOTE: CPU run. These numbers check the harness; they are not GPU figures.")
+
+    bw, bw_method = rl.copy_bandwidth(device)
+    tflops, mm_method = rl.matmul_throughput(device, dtype)
+    log(f"measured: copy bandwidth {bw:.0f} GB/s, matmul {tflops:.1f} TFLOP/s")
+    runner = _Runner(cfg, device)
+    reps_b = cfg.baseline_repeats or cfg.repeats
+    scenarios: list[dict] = []
+    pending: list[tuple[dict, str]] = []  # (scenario, kind) for the baselines, run after every fastjanus scenario
+
+    def decode_roof(sc: dict, step_s: float, nbytes: int) -> None:
+        sc["decode_step_ms"] = step_s * 1e3
+        sc["bytes_per_step"] = int(nbytes)
+        sc["bandwidth_gbs"] = nbytes / step_s / 1e9
+        sc["roofline_fraction"] = sc["bandwidth_gbs"] / bw
+
+    def t2i(name: str, n: int, throughput: bool = False, why: str | None = None) -> None:
+        _reset_peak(device)
+        rows = runner.repeat(name, lambda i: _fj_t2i(pipe, n, *_t2i_inputs(cfg, i)), cfg.repeats)
+        sc = _scenario(name, n, [r["total_s"] for r in rows],
+                       breakdown={k: _median(rows, k) for k in ("prefill_s", "decode_s", "vq_decode_s")},
+                       prompt_len=statistics.mean(r["prompt_len"] for r in rows), peak_mem_bytes=_peak(device))
+        steps = rows[0]["steps"] - 1  # decode forwards; the first code comes from the prefill's hidden state
+        decode_roof(sc, sc["breakdown"]["decode_s"] / steps, rl.mean_image_step_bytes(jc, elem, n, sc["prompt_len"]))
+        if throughput:
+            sc["images_per_s"] = n / sc["median_s"]
+            sc["batch_rule"] = why
+        scenarios.append(sc)
+        pending.append((sc, "t2i"))
+
+    def compute_bound(name: str, make_input, fn) -> None:
+        """One image through fn (SigLIP or the VQ decoder), against the measured matmul throughput."""
+        _reset_peak(device)
+
+        def once(i):
+            x = make_input(i)
+            _sync(device)
+            s = time.perf_counter()
+            with torch.inference_mode():
+                fn(x)
+            _sync(device)
+            return {"s": time.perf_counter() - s, "x": x}
+        rows = runner.repeat(name, once, cfg.repeats)
+        peak = _peak(device)
+        with torch.inference_mode():
+            flops = rl.count_flops(lambda: fn(rows[0]["x"]))
+        sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops)
+        sc["tflops"] = flops / sc["median_s"] / 1e12
+        sc["roofline_fraction"] = sc["tflops"] / tflops
+        scenarios.append(sc)
+
+    for name in cfg.scenarios:
+        if name in ("t2i-1", "t2i-16"):
+            t2i(name, int(name.split("-")[1]))
+        elif name == "throughput":
+            n, why = largest_batch(pipe, cfg, len(pipe.tokenizer.generation_prompt(_t2i_inputs(cfg, 0)[0])) + 8)
+            t2i("throughput", n, throughput=True, why=why)
+        elif name == "siglip":
+            proc, size = pipe.tokenizer.processor, jc.vision.image_size
+            compute_bound("siglip", lambda i: preprocess(random_image(random.Random(cfg.seed + 31 * i), size),
+                                                         proc)[None].to(device, dtype), pipe.model.encode_images)
+        elif name == "vq-decode":
+            compute_bound("vq-decode", lambda i: torch.randint(0, jc.vq.codebook_size, (1, jc.num_image_tokens),
+                                                               generator=torch.Generator().manual_seed(i + 99)),
+                          pipe.decode_image_pixels)
+        elif name == "understand":
+            _reset_peak(device)
+            n = cfg.text_tokens
+            rows = runner.repeat("understand", lambda i: _fj_understand(pipe, *_understand_inputs(cfg, pipe, i), n),
+                                 cfg.repeats)
+            peak = _peak(device)
+            plen = statistics.mean(r["prompt_len"] for r in rows)
+            ttft = _scenario("understand-ttft", 1, [r["ttft_s"] for r in rows], peak_mem_bytes=peak, prompt_len=plen)
+            dec = _scenario("understand-decode", 1, [r["decode_s"] for r in rows], peak_mem_bytes=peak,
+                            prompt_len=plen, new_tokens=n)
+            dec["tokens_per_s"] = (n - 1) / dec["median_s"]
+            decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1))
+            scenarios += [ttft, dec]
+            pending.append(((ttft, dec), "understand"))
+
+    # ---- baselines, after every fastjanus number (so the peaks above hold only fastjanus's own model)
+    skipped: dict[str, str] = {}
+    want = [b for b in BASELINES if b in cfg.baselines]
+    for b in BASELINES:
+        if b not in cfg.baselines:
+            skipped[b] = "not requested (--baselines)"
+    if not pending:
+        for b in want:
+            skipped[b] = "no scenario here has this baseline (t2i-1, t2i-16, throughput and understand do)"
+        want = []
+    if "torch-eager" in want and pipe.backend == "torch":
+        skipped["torch-eager"] = "the measured configuration already is fastjanus's plain-torch eager path"
+        want.remove("torch-eager")
+    hf = None
+    if "transformers" in want:
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            skipped["transformers"] = f"transformers is not installed ({e}); pip install 'transformers>=5.0'"
+            want.remove("transformers")
+    for b in want:
+        if b == "torch-eager":
+            base = JanusPipeline(pipe.model, pipe.tokenizer, device, dtype, pipe.weights, pipe.path, backend="torch")
+            t2i_fn = lambda sc, i: _fj_t2i(base, sc["num_images"], *_t2i_inputs(cfg, i))  # noqa: E731
+            und_fn = lambda i: _fj_understand(base, *_understand_inputs(cfg, pipe, i), cfg.text_tokens)  # noqa: E731
+        else:
+            from transformers.utils import logging as hf_logging
+
+            from .hf_port import build_hf_model
+            hf_logging.set_verbosity_error()  # its per-call notes about max_length would drown the progress bars
+            log("building the transformers Janus port from the loaded weights ...")
+            try:
+                hf = build_hf_model(pipe.model, pipe.tokenizer, device, dtype, attn="sdpa")
+            except Exception as e:  # an incompatible transformers version: report, do not abort the run
+                skipped[b] = f"could not build the transformers Janus port: {type(e).__name__}: {e}"
+                continue
+            t2i_fn = lambda sc, i: _hf_t2i(hf, pipe, sc["num_images"], *_t2i_inputs(cfg, i))  # noqa: E731
+            und_fn = lambda i: _hf_understand(hf, pipe, *_understand_inputs(cfg, pipe, i), cfg.text_tokens)  # noqa: E731
+        for sc, kind in pending:
+            if kind == "t2i":
+                rows = runner.repeat(f"{b} {sc['name']}", lambda i, sc=sc: t2i_fn(sc, i), reps_b)
+                m = _median(rows, "total_s")
+                sc["baselines"][b] = {"median_s": m, "min_s": min(r["total_s"] for r in rows),
+                                      "max_s": max(r["total_s"] for r in rows), "speedup": m / sc["median_s"],
+                                      "decode_s": _median(rows, "decode_s")}
+            else:
+                rows = runner.repeat(f"{b} understand", und_fn, reps_b)
+                for s, key in zip(sc, ("ttft_s", "decode_s")):
+                    m = _median(rows, key)
+                    s["baselines"][b] = {"median_s": m, "min_s": min(r[key] for r in rows),
+                                         "max_s": max(r[key] for r in rows), "speedup": m / s["median_s"]}
+        if hf is not None:
+            del hf
+            hf = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    L = jc.language
+    return {
+        **info,
+        "label": "CPU run: checks the harness, not a GPU figure" if info["platform"] == "cpu" else "GPU run",
+        "dtype": str(dtype).replace("torch.", ""), "arch": cfg.arch or "custom", "model_path": str(path),
+        "torch": torch.__version__, "triton": _triton_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backend": pipe.backend, "cuda_graphs": getattr(pipe, "cuda_graphs", False),
+        "quantization": None,
+        "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
+                   "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
+                   "image_tokens": jc.num_image_tokens, "codebook": jc.vq.codebook_size,
+                   "vision_image_size": jc.vision.image_size, "vq_image_size": jc.vq.image_size},
+        "method": {"repeats": cfg.repeats, "warmup": cfg.warmup, "baseline_repeats": reps_b,
+                   "timer": "time.perf_counter with the device synchronised around each timed region",
+                   "inputs": "fresh random prompt (or image + question) and seed per repeat, shared with baselines",
+                   "sampling": "image: temperature 1, cfg 5, no top-k/top-p; text: greedy, EOS ignored",
+                   "copy_bandwidth": bw_method, "matmul": mm_method,
+                   "bytes_per_step": "weights read (decoder, norm and the step's head) + K/V of all cached slots "
+                                     "read + one slot written, per row, at the mean cached length of the loop",
+                   "flops": "torch.utils.flop_counter.FlopCounterMode on the real shapes (matmul/conv/attention)"},
+        "copy_bandwidth_gbs": bw, "matmul_tflops": tflops,
+        "scenarios": scenarios, "baselines_skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------------------- reporting
+def _fmt_s(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def format_table(rep: dict) -> str:
+    head = [f"fastjanus bench  {rep['arch']}  {rep['device']}  {rep['dtype']}  backend {rep['backend']}  "
+            f"graphs {rep['cuda_graphs']}  torch {rep['torch']}  triton {rep['triton']}",
+            f"copy bandwidth {rep['copy_bandwidth_gbs']:.0f} GB/s, matmul {rep['matmul_tflops']:.1f} TFLOP/s "
+            f"(measured in this run); median of {rep['method']['repeats']} after {rep['method']['warmup']} warm-up"]
+    if rep["platform"] == "cpu":
+        head.insert(0, "*** CPU RUN: these numbers check the harness; they are NOT GPU figures ***")
+    names = sorted({b for s in rep["scenarios"] for b in s["baselines"]})
+    cols = f"{'scenario':18s} {'imgs':>4s} {'median':>9s} {'min':>9s} {'max':>9s} {'step':>9s} {'GB/s':>7s} " \
+           f"{'roof':>5s} {'peak MiB':>9s}" + "".join(f" {n + ' x':>16s}" for n in names)
+    lines = head + [cols]
+    for s in rep["scenarios"]:
+        step = f"{s['decode_step_ms']:.3f}ms" if s["decode_step_ms"] is not None else "-"
+        gbs = f"{s['bandwidth_gbs']:.0f}" if s["bandwidth_gbs"] is not None else "-"
+        roof = f"{s['roofline_fraction']:.0%}" if s["roofline_fraction"] is not None else "-"
+        peak = f"{s['peak_mem_bytes'] / 2 ** 20:.0f}" if s["peak_mem_bytes"] is not None else "-"
+        n = "-" if s["num_images"] is None else str(s["num_images"])
+        row = f"{s['name']:18s} {n:>4s} {_fmt_s(s['median_s']):>9s} {_fmt_s(s['min_s']):>9s} " \
+              f"{_fmt_s(s['max_s']):>9s} {step:>9s} {gbs:>7s} {roof:>5s} {peak:>9s}"
+        for b in names:
+            r = s["baselines"].get(b)
+            row += f" {(_fmt_s(r['median_s']) + ' ' + format(r['speedup'], '.1f') + 'x') if r else '-':>16s}"
+        lines.append(row)
+        extra = []
+        if "breakdown" in s:
+            bd = s["breakdown"]
+            extra.append(f"prefill {_fmt_s(bd['prefill_s'])}, decode {_fmt_s(bd['decode_s'])}, "
+                         f"VQ decode {_fmt_s(bd['vq_decode_s'])}")
+        if "images_per_s" in s:
+            extra.append(f"{s['images_per_s']:.2f} images/s ({s['batch_rule']})")
+        if "tokens_per_s" in s:
+            extra.append(f"{s['tokens_per_s']:.1f} tokens/s")
+        if "tflops" in s:
+            extra.append(f"{s['tflops']:.2f} TFLOP/s of {s['flops'] / 1e9:.1f} GFLOP")
+        if extra:
+            lines.append(" " * 19 + "; ".join(extra))
+    lines.append("roof: decode steps = achieved GB/s / copy bandwidth; siglip and vq-decode = TFLOP/s / matmul. "
+                 "Baseline columns: its median and fastjanus's speed-up over it.")
+    for b, why in rep["baselines_skipped"].items():
+        lines.append(f"baseline {b} skipped: {why}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """Entry point of `fastjanus bench` (args from the CLI parser)."""
+    baselines = () if args.baselines in ("none", "") else tuple(b.strip() for b in args.baselines.split(","))
+    cfg = BenchConfig(arch=None if args.model else args.arch, model=args.model, device=args.device,
+                      dtype=args.dtype, backend=args.backend,
+                      scenarios=tuple(args.scenario) if args.scenario else SCENARIOS, baselines=baselines,
+                      repeats=args.repeats, warmup=args.warmup, baseline_repeats=args.baseline_repeats,
+                      max_batch=args.max_batch, text_tokens=args.text_tokens, seed=args.seed or 0,
+                      progress=not args.quiet)
+    for p in (args.json, args.plot):  # fail now, not after minutes of measuring
+        if p:
+            parent = Path(p).resolve().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK) or Path(p).is_dir():
+                raise InputError(f"cannot write {p}: the folder is not writable or the path is a folder")
+    rep = run_bench(cfg)
+    print(format_table(rep))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from .plot import plot_report
+        plot_report(rep, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["BenchConfig", "run_bench", "format_table", "largest_batch", "cached_random_model", "main",
+           "SCENARIOS", "BASELINES"]

@@ -1,0 +1,175 @@
+"""`fastjanus bench`: roofline arithmetic checked against hand-computed counts, and the harness end to end on
+the tiny checkpoint (CPU; the numbers are labelled CPU and only checked for consistency)."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from fastjanus.bench import roofline as rl
+from fastjanus.bench.harness import SCENARIOS, BenchConfig, cached_random_model, run_bench
+from fastjanus.config import preset
+from fastjanus.engine import memory as mem
+from fastjanus.errors import InputError
+
+
+def _hand_image_step_params(D, layers, inter, codebook=16384, gen_embed_dim=8, vocab=None):
+    """Per-step weights, counted by hand from the Llama/Janus layer shapes (no bias in the decoder)."""
+    layer = 4 * D * D + 3 * D * inter + 2 * D  # q, k, v, o (MHA) + gate, up, down + two RMSNorm weights
+    head = (D * D + D) + (D * codebook + codebook)  # gen_head: output_mlp_projector, vision_head (with biases)
+    aligner = (gen_embed_dim * D + D) + (D * D + D)  # gen_aligner: Linear(8→D), GELU, Linear(D→D)
+    return layers * layer + D + head + aligner  # + final norm
+
+
+@pytest.mark.parametrize("arch,D,layers,inter,approx_gb,kv_kib", [
+    ("janus-pro-1b", 2048, 24, 5632, 2.55, 192),
+    ("janus-pro-7b", 4096, 30, 11008, 12.3, 480),
+])
+def test_decode_step_bytes_by_hand(arch, D, layers, inter, approx_gb, kv_kib):
+    cfg = preset(arch)
+    w = rl.image_step_weight_bytes(cfg, 2)
+    assert w == 2 * _hand_image_step_params(D, layers, inter)
+    assert abs(w / 1e9 - approx_gb) / approx_gb < 0.01, w
+    assert mem.kv_bytes_per_token(cfg.language, 2) == kv_kib * 1024  # K+V, all layers, one row, bf16
+    # one image (2 rows), 100 cached slots: weights + 2 rows × (100 read + 1 written) × per-token KV
+    assert rl.image_step_bytes(cfg, 2, 2, 100) == w + 2 * 101 * kv_kib * 1024
+    # averaged over the loop: decode steps 0..574 read prompt_len + i slots, mean prompt_len + 287
+    assert rl.mean_image_step_bytes(cfg, 2, 16, 40) == rl.image_step_bytes(cfg, 2, 32, 40 + 287)
+    text = rl.text_step_weight_bytes(cfg, 2)
+    assert text == 2 * (layers * (4 * D * D + 3 * D * inter + 2 * D) + D + 102400 * D)  # + lm_head
+
+
+def test_memory_arithmetic_by_hand():
+    cfg = preset("janus-pro-7b")
+    # Pro-7B, 32 rows (16 images), 700 slots, bf16: 32 × 700 × 480 KiB
+    assert mem.kv_cache_bytes(cfg.language, 2, 32, 700) == 32 * 700 * 480 * 1024
+    # the VQ decoder estimate: 6 fp32 maps of 128 channels at 384²
+    assert mem.vq_decode_bytes(cfg, 1, 2) == 6 * 128 * 384 * 384 * 4
+
+
+def test_count_flops_by_hand():
+    lin = torch.nn.Linear(24, 40)
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    x, img = torch.randn(5, 24), torch.randn(2, 3, 16, 16)
+    assert rl.count_flops(lambda: lin(x)) == 2 * 5 * 24 * 40
+    assert rl.count_flops(lambda: conv(img)) == 2 * (2 * 8 * 4 * 4) * (3 * 4 * 4)  # outputs × MACs per output
+
+
+def test_device_limits_measured_on_cpu():
+    bw, how = rl.copy_bandwidth(torch.device("cpu"))
+    tf, how2 = rl.matmul_throughput(torch.device("cpu"), torch.float32)
+    assert 0.1 < bw < 10_000 and 1e-4 < tf < 1000
+    assert "median" in how and "matmul" in how2
+
+
+def test_config_validation():
+    with pytest.raises(InputError, match="scenario"):
+        BenchConfig(scenarios=("t2i-3",))
+    with pytest.raises(InputError, match="repeats"):
+        BenchConfig(repeats=0)
+    with pytest.raises(InputError, match="baseline"):
+        BenchConfig(baselines=("official",))
+    with pytest.raises(InputError, match="exactly one"):
+        BenchConfig(arch="tiny", model="/x")
+
+
+REQUIRED = {"name", "num_images", "median_s", "min_s", "max_s", "decode_step_ms", "bytes_per_step",
+            "bandwidth_gbs", "roofline_fraction", "peak_mem_bytes", "baselines"}
+
+
+@pytest.fixture(scope="module")
+def report(tiny_dir):
+    pytest.importorskip("transformers")
+    cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", repeats=2, warmup=1, max_batch=4,
+                      text_tokens=8, progress=False)
+    return run_bench(cfg, log=lambda s: None)
+
+
+def test_report_keys_and_values(report, tiny_dir):
+    for k in ("device", "dtype", "arch", "torch", "triton", "scenarios"):
+        assert k in report
+    assert report["platform"] == "cpu" and report["device"].startswith("CPU")
+    assert "not a GPU figure" in report["label"]
+    assert report["dtype"] == "float32" and report["backend"] == "torch"
+    names = [s["name"] for s in report["scenarios"]]
+    assert names == ["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand-ttft", "understand-decode"]
+    cfg = preset("tiny")
+    for s in report["scenarios"]:
+        assert REQUIRED <= s.keys(), s["name"]
+        assert 0 < s["min_s"] <= s["median_s"] <= s["max_s"] < 60
+        assert s["peak_mem_bytes"] is None  # not measured on the CPU
+        if s["roofline_fraction"] is not None:
+            assert 0 < s["roofline_fraction"] and math.isfinite(s["roofline_fraction"])
+    by = {s["name"]: s for s in report["scenarios"]}
+    for name, n in (("t2i-1", 1), ("t2i-16", 16), ("throughput", 4)):
+        s = by[name]
+        assert s["num_images"] == n
+        bd = s["breakdown"]
+        assert bd["prefill_s"] + bd["decode_s"] + bd["vq_decode_s"] <= s["max_s"] * 1.001
+        # step time × decode steps is the decode time; bytes come from the shapes and the prompts used
+        assert s["decode_step_ms"] * 1e-3 * (cfg.num_image_tokens - 1) == pytest.approx(bd["decode_s"])
+        assert s["bytes_per_step"] == rl.mean_image_step_bytes(cfg, 4, n, s["prompt_len"])
+        assert s["bandwidth_gbs"] == pytest.approx(s["bytes_per_step"] / (s["decode_step_ms"] * 1e-3) / 1e9)
+        assert s["roofline_fraction"] == pytest.approx(s["bandwidth_gbs"] / report["copy_bandwidth_gbs"])
+        hf = s["baselines"]["transformers"]
+        assert hf["speedup"] == pytest.approx(hf["median_s"] / s["median_s"])
+    assert by["throughput"]["images_per_s"] == pytest.approx(4 / by["throughput"]["median_s"])
+    assert by["siglip"]["flops"] > 0 and by["vq-decode"]["flops"] > 0
+    dec = by["understand-decode"]
+    assert dec["tokens_per_s"] == pytest.approx(7 / dec["median_s"])
+    assert "transformers" in by["understand-ttft"]["baselines"]
+    # the run's backend is already the torch eager path, so that baseline is skipped with the reason
+    assert "torch-eager" in report["baselines_skipped"]
+    json.dumps(report)  # serialisable
+
+
+def test_cli_writes_table_json_and_plot(tiny_dir, tmp_path, capsys):
+    from fastjanus.cli import main
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--scenario", "t2i-1", "--scenario", "siglip",
+               "--repeats", "1", "--warmup", "0", "--baselines", "none", "--quiet",
+               "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "CPU RUN" in out and "t2i-1" in out and "siglip" in out
+    assert "baseline transformers skipped: not requested" in out
+    rep = json.loads(out_json.read_text())
+    assert [s["name"] for s in rep["scenarios"]] == ["t2i-1", "siglip"]
+    assert Image.open(out_png).size[0] > 500
+
+
+def test_cli_rejects_bad_output_path(tiny_dir, tmp_path, capsys):
+    from fastjanus.cli import main
+    rc = main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--json", str(tmp_path), "--quiet"])
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_random_model_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTJANUS_CACHE", str(tmp_path))
+    d = cached_random_model("tiny", progress=False)
+    assert (d / ".complete").is_file() and (d / "config.json").is_file()
+    stamp = (d / "config.json").stat().st_mtime_ns
+    assert cached_random_model("tiny", progress=False) == d
+    assert (d / "config.json").stat().st_mtime_ns == stamp  # written once, then reused
+
+
+def test_scenarios_listed_in_cli():
+    from fastjanus.cli import build_parser
+    p = build_parser()
+    args = p.parse_args(["bench"])
+    assert args.arch == "tiny" and args.scenario is None
+    for s in SCENARIOS:
+        p.parse_args(["bench", "--scenario", s])
+
+
+def test_torch_eager_baseline_with_triton_backend(tiny_dir):
+    # The Triton kernels run in the interpreter here (slow), so only a short understanding run.
+    cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", backend="triton", scenarios=("understand",),
+                      baselines=("torch-eager",), repeats=1, warmup=0, text_tokens=3, progress=False)
+    rep = run_bench(cfg, log=lambda s: None)
+    assert rep["backend"] == "triton"
+    for s in rep["scenarios"]:
+        b = s["baselines"]["torch-eager"]
+        assert b["median_s"] > 0 and b["speedup"] == pytest.approx(b["median_s"] / s["median_s"])
+    assert rep["baselines_skipped"] == {"transformers": "not requested (--baselines)"}
