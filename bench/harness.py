@@ -44,11 +44,12 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     backend: str | None = None
+    cuda_graphs: bool | str = "auto"
     scenarios: tuple[str, ...] = SCENARIOS
     baselines: tuple[str, ...] = BASELINES
     repeats: int = 3
     warmup: int = 1
-    baseline_repeats: int | None = None  # None: the same as repeats
+    baseline_repeats: int | None = None  # None: min(repeats, 2) (the baselines are slow; their spread is wide)
     max_batch: int | None = None  # images for the throughput scenario; None: from free memory (CUDA), 8 on CPU
     text_tokens: int = 64  # new tokens per understanding run (EOS ignored so every run decodes this many)
     prompt_words: int = 12
@@ -208,25 +209,33 @@ def _fj_t2i(pipe, n: int, prompt: str, seed: int) -> dict:
             "steps": tm["steps"], "prompt_len": len(pipe.tokenizer.generation_prompt(prompt))}
 
 
-def _hf_t2i(hf, pipe, n: int, prompt: str, seed: int) -> dict:
+def hf_image_generation_config(tk, num_images: int, image_tokens: int):
+    """transformers' settings for the same sampling as fastjanus's: CFG 5, temperature 1, the full codebook.
+    top_k=0 matters: left unset (or None) transformers applies its default top-k of 50."""
     from transformers import GenerationConfig
+    return GenerationConfig(bos_token_id=tk.bos_id, pad_token_id=tk.pad_id, eos_token_id=tk.eos_id,
+                            guidance_scale=5.0, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                            num_return_sequences=num_images, max_new_tokens=image_tokens,
+                            generation_kwargs={"boi_token_id": tk.boi_id})
+
+
+def _hf_t2i(hf, pipe, n: int, prompt: str, seed: int) -> dict:
+    """Timed like _fj_t2i: from the prompt string (tokenization included) to pixels on the host."""
+    from ..image import to_pil
     tk, dev = pipe.tokenizer, pipe.device
-    ids = torch.tensor([tk.generation_prompt(prompt)], device=dev)
-    gc = GenerationConfig(bos_token_id=tk.bos_id, pad_token_id=tk.pad_id, eos_token_id=tk.eos_id,
-                          guidance_scale=5.0, do_sample=True, temperature=1.0, top_k=None, top_p=None,
-                          num_return_sequences=n, max_new_tokens=pipe.cfg.num_image_tokens,
-                          generation_kwargs={"boi_token_id": tk.boi_id})
+    gc = hf_image_generation_config(tk, n, pipe.cfg.num_image_tokens)
     torch.manual_seed(seed)
     _sync(dev)
     t0 = time.perf_counter()
     with torch.inference_mode():
+        ids = torch.tensor([tk.generation_prompt(prompt)], device=dev)
         codes = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, generation_mode="image")
         _sync(dev)
         t1 = time.perf_counter()
-        px = hf.decode_image_tokens(codes)
-        px.float().cpu()
+        px = hf.decode_image_tokens(codes)  # [N, H, W, 3] in transformers 5.x
+        to_pil(px.permute(0, 3, 1, 2) if px.shape[-1] == 3 else px)
     t2 = time.perf_counter()
-    return {"total_s": t2 - t0, "decode_s": t1 - t0, "vq_decode_s": t2 - t1}
+    return {"total_s": t2 - t0, "generate_s": t1 - t0, "vq_decode_s": t2 - t1}
 
 
 def _understand_inputs(cfg: BenchConfig, pipe, idx: int):
@@ -245,18 +254,18 @@ def _fj_understand(pipe, image, question: str, n: int) -> dict:
 
 
 def _hf_understand(hf, pipe, image, question: str, n: int) -> dict:
+    """Timed like _fj_understand: tokenization and image preprocessing inside the timed region."""
     from ..image import preprocess
     tk, dev = pipe.tokenizer, pipe.device
-    ids = torch.tensor([tk.understanding_prompt(question, pipe.cfg.vision.num_patches)], device=dev)
-    px = preprocess(image, tk.processor)[None].to(dev, pipe.dtype)
-    kw = dict(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
-              eos_token_id=tk.eos_id, pad_token_id=tk.eos_id)
     out = {}
     with torch.inference_mode():
         for key, m in (("ttft_s", 1), ("total_s", n)):
             _sync(dev)
             t0 = time.perf_counter()
-            hf.generate(**kw, max_new_tokens=m, min_new_tokens=m)
+            ids = torch.tensor([tk.understanding_prompt(question, pipe.cfg.vision.num_patches)], device=dev)
+            px = preprocess(image, tk.processor)[None].to(dev, pipe.dtype)
+            hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
+                        eos_token_id=tk.eos_id, pad_token_id=tk.eos_id, max_new_tokens=m, min_new_tokens=m)
             _sync(dev)
             out[key] = time.perf_counter() - t0
     out["decode_s"] = out["total_s"] - out["ttft_s"]
@@ -268,9 +277,14 @@ def largest_batch(pipe, cfg: BenchConfig, prompt_len: int) -> tuple[int, str]:
     decode batch (8 images) fit in the free device memory with a 10% margin; capped at 256."""
     if cfg.max_batch is not None:
         return cfg.max_batch, "--max-batch"
+    plan = pipe.memory_plan
+    if plan is not None and pipe.device.type == "cuda":  # the static runtime: the largest bucket that holds it
+        fits = [r // 2 for r in plan.buckets if plan.capacity(r) >= prompt_len + plan.image_tokens]
+        return max(fits, default=1), f"largest bucket of the memory plan ({plan.source})"
     if pipe.device.type != "cuda":
         return 8, "CPU default (8 images)"
     from ..engine import memory as mem
+    torch.cuda.empty_cache()  # the blocks freed by earlier scenarios count as free
     free, _ = torch.cuda.mem_get_info(pipe.device)
     elem = torch.empty(0, dtype=pipe.dtype).element_size()
     c = pipe.cfg
@@ -294,8 +308,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, cfg.progress)
     t0 = time.perf_counter()
-    pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend)
-    log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend) "
+    pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend,
+                cuda_graphs=cfg.cuda_graphs)
+    log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend, "
+        f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
         f"in {time.perf_counter() - t0:.1f} s")
     jc = pipe.cfg
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -303,11 +319,12 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     if info["platform"] == "cpu":
         log("NOTE: CPU run. These numbers check the harness; they are not GPU figures.")
 
+    t_start = time.perf_counter()
     bw, bw_method = rl.copy_bandwidth(device)
     tflops, mm_method = rl.matmul_throughput(device, dtype)
     log(f"measured: copy bandwidth {bw:.0f} GB/s, matmul {tflops:.1f} TFLOP/s")
     runner = _Runner(cfg, device)
-    reps_b = cfg.baseline_repeats or cfg.repeats
+    reps_b = cfg.baseline_repeats or min(cfg.repeats, 2)
     scenarios: list[dict] = []
     pending: list[tuple[dict, str]] = []  # (scenario, kind) for the baselines, run after every fastjanus scenario
 
@@ -395,6 +412,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         skipped["torch-eager"] = "the measured configuration already is fastjanus's plain-torch eager path"
         want.remove("torch-eager")
     hf = None
+    failed: dict[str, dict[str, str]] = {}
+    log(f"fastjanus scenarios done in {time.perf_counter() - t_start:.0f} s")
     if "transformers" in want:
         try:
             import transformers  # noqa: F401
@@ -410,6 +429,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             from transformers.utils import logging as hf_logging
 
             from .hf_port import build_hf_model
+            hf_verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # its per-call notes about max_length would drown the progress bars
             log("building the transformers Janus port from the loaded weights ...")
             try:
@@ -419,22 +439,34 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                 continue
             t2i_fn = lambda sc, i: _hf_t2i(hf, pipe, sc["num_images"], *_t2i_inputs(cfg, i))  # noqa: E731
             und_fn = lambda i: _hf_understand(hf, pipe, *_understand_inputs(cfg, pipe, i), cfg.text_tokens)  # noqa: E731
+        t_b = time.perf_counter()
         for sc, kind in pending:
+            what = sc["name"] if kind == "t2i" else "understand"
+            try:
+                rows = runner.repeat(f"{b} {what}", (lambda i, sc=sc: t2i_fn(sc, i)) if kind == "t2i" else und_fn,
+                                     reps_b)
+            except Exception as e:  # e.g. out of memory at the throughput batch: keep every other number
+                failed.setdefault(b, {})[what] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if kind == "t2i":
-                rows = runner.repeat(f"{b} {sc['name']}", lambda i, sc=sc: t2i_fn(sc, i), reps_b)
                 m = _median(rows, "total_s")
                 sc["baselines"][b] = {"median_s": m, "min_s": min(r["total_s"] for r in rows),
-                                      "max_s": max(r["total_s"] for r in rows), "speedup": m / sc["median_s"],
-                                      "decode_s": _median(rows, "decode_s")}
+                                      "max_s": max(r["total_s"] for r in rows), "speedup": m / sc["median_s"]}
+                for k in ("decode_s", "generate_s"):  # torch-eager: the decode loop; transformers: generate()
+                    if k in rows[0]:
+                        sc["baselines"][b][k] = _median(rows, k)
             else:
-                rows = runner.repeat(f"{b} understand", und_fn, reps_b)
                 for s, key in zip(sc, ("ttft_s", "decode_s")):
                     m = _median(rows, key)
                     s["baselines"][b] = {"median_s": m, "min_s": min(r[key] for r in rows),
                                          "max_s": max(r[key] for r in rows), "speedup": m / s["median_s"]}
+        log(f"baseline {b}: {time.perf_counter() - t_b:.0f} s")
         if hf is not None:
             del hf
             hf = None
+            hf_logging.set_verbosity(hf_verbosity)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -445,7 +477,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "dtype": str(dtype).replace("torch.", ""), "arch": cfg.arch or "custom", "model_path": str(path),
         "torch": torch.__version__, "triton": _triton_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backend": pipe.backend, "cuda_graphs": getattr(pipe, "cuda_graphs", False),
+        "backend": pipe.backend, "cuda_graphs": pipe.cuda_graphs,
+        "memory_plan": None if pipe.memory_plan is None else {
+            "pool_bytes": pipe.memory_plan.pool_bytes, "buckets": pipe.memory_plan.buckets,
+            "max_len": pipe.memory_plan.max_len, "source": pipe.memory_plan.source},
         "quantization": None,
         "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                    "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
@@ -454,13 +489,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "method": {"repeats": cfg.repeats, "warmup": cfg.warmup, "baseline_repeats": reps_b,
                    "timer": "time.perf_counter with the device synchronised around each timed region",
                    "inputs": "fresh random prompt (or image + question) and seed per repeat, shared with baselines",
-                   "sampling": "image: temperature 1, cfg 5, no top-k/top-p; text: greedy, EOS ignored",
+                   "sampling": "image: temperature 1, cfg 5, full codebook (no top-k/top-p, transformers top_k=0); "
+                               "text: greedy, EOS ignored",
+                   "decode_step": "decode-loop time / (image tokens - 1) decode steps; the loop also runs the "
+                                  "first head + sample and copies the codes to the host (a <0.5% overcount)",
                    "copy_bandwidth": bw_method, "matmul": mm_method,
                    "bytes_per_step": "weights read (decoder, norm and the step's head) + K/V of all cached slots "
                                      "read + one slot written, per row, at the mean cached length of the loop",
                    "flops": "torch.utils.flop_counter.FlopCounterMode on the real shapes (matmul/conv/attention)"},
         "copy_bandwidth_gbs": bw, "matmul_tflops": tflops,
-        "scenarios": scenarios, "baselines_skipped": skipped,
+        "scenarios": scenarios, "baselines_skipped": skipped, "baselines_failed": failed,
     }
 
 
@@ -475,7 +513,8 @@ def format_table(rep: dict) -> str:
     head = [f"fastjanus bench  {rep['arch']}  {rep['device']}  {rep['dtype']}  backend {rep['backend']}  "
             f"graphs {rep['cuda_graphs']}  torch {rep['torch']}  triton {rep['triton']}",
             f"copy bandwidth {rep['copy_bandwidth_gbs']:.0f} GB/s, matmul {rep['matmul_tflops']:.1f} TFLOP/s "
-            f"(measured in this run); median of {rep['method']['repeats']} after {rep['method']['warmup']} warm-up"]
+            f"(measured in this run); median of {rep['method']['repeats']} after {rep['method']['warmup']} warm-up "
+            f"(baselines: median of {rep['method']['baseline_repeats']})"]
     if rep["platform"] == "cpu":
         head.insert(0, "*** CPU RUN: these numbers check the harness; they are NOT GPU figures ***")
     names = sorted({b for s in rep["scenarios"] for b in s["baselines"]})
@@ -502,7 +541,7 @@ def format_table(rep: dict) -> str:
         if "images_per_s" in s:
             extra.append(f"{s['images_per_s']:.2f} images/s ({s['batch_rule']})")
         if "tokens_per_s" in s:
-            extra.append(f"{s['tokens_per_s']:.1f} tokens/s")
+            extra.append(f"{s['tokens_per_s']:.1f} decode tokens/s (after the first token)")
         if "tflops" in s:
             extra.append(f"{s['tflops']:.2f} TFLOP/s of {s['flops'] / 1e9:.1f} GFLOP")
         if extra:
@@ -511,6 +550,9 @@ def format_table(rep: dict) -> str:
                  "Baseline columns: its median and fastjanus's speed-up over it.")
     for b, why in rep["baselines_skipped"].items():
         lines.append(f"baseline {b} skipped: {why}")
+    for b, errs in rep.get("baselines_failed", {}).items():
+        for what, why in errs.items():
+            lines.append(f"baseline {b} failed on {what}: {why}")
     return "\n".join(lines)
 
 
@@ -519,6 +561,7 @@ def main(args) -> int:
     baselines = () if args.baselines in ("none", "") else tuple(b.strip() for b in args.baselines.split(","))
     cfg = BenchConfig(arch=None if args.model else args.arch, model=args.model, device=args.device,
                       dtype=args.dtype, backend=args.backend,
+                      cuda_graphs={"auto": "auto", "on": True, "off": False}[args.cuda_graphs],
                       scenarios=tuple(args.scenario) if args.scenario else SCENARIOS, baselines=baselines,
                       repeats=args.repeats, warmup=args.warmup, baseline_repeats=args.baseline_repeats,
                       max_batch=args.max_batch, text_tokens=args.text_tokens, seed=args.seed or 0,

@@ -15,7 +15,7 @@ def _ms(x: float) -> str:
 
 def plot_report(rep: dict, path: str) -> None:
     sc = rep["scenarios"]
-    W, row_h, top, left, bar_w = 1300, 26, 70, 150, 360
+    W, row_h, top, left, bar_w = 1360, 26, 70, 150, 360
     H = top + row_h * len(sc) + 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)

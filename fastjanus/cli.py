@@ -44,8 +44,10 @@ def _model_arg(args) -> Path:
 def _load(args):
     from .engine.pipeline import load
     t0 = time.perf_counter()
-    pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True, backend=args.backend)
-    print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend) "
+    pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
+                cuda_graphs={"auto": "auto", "on": True, "off": False}[args.cuda_graphs])
+    print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
+          f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", choices=["triton", "torch"], default=None,
                         help="kernels: triton (default on CUDA) or torch (default on CPU; triton there needs "
                              "TRITON_INTERPRET=1)")
+        sp.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                        help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
 
     g = sub.add_parser("generate", help="text → images (PNG files)")
     common(g, False)
@@ -220,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     b.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)")
     b.add_argument("--backend", choices=["triton", "torch"], default=None)
+    b.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
     b.add_argument("--scenario", action="append",
                    choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
                    help="repeat to pick several (default: all)")

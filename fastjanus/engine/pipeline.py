@@ -15,6 +15,8 @@ from ..image import preprocess, to_pil
 from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
 from ..tokenizer import JanusTokenizer
+from .graphs import DecodeRuntime
+from .memory import MemoryPlan, plan_memory, prefill_chunk_rows
 from .sampling import KernelSampler, TorchSampler, cfg_mix
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -99,12 +101,16 @@ def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
 
 class JanusPipeline:
     def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, device: torch.device, dtype: torch.dtype,
-                 weights: WeightFiles | None = None, path: Path | None = None, backend: str = "torch"):
+                 weights: WeightFiles | None = None, path: Path | None = None, backend: str = "torch",
+                 cuda_graphs: bool = False, memory_plan: MemoryPlan | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.cfg: JanusConfig = model.cfg
         self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
-        self.backend = backend
+        self.backend, self.cuda_graphs, self.memory_plan = backend, cuda_graphs, memory_plan
         self.last_timings: dict[str, float] = {}
+        # The static runtime (engine/graphs.py) drives the triton backend's loops; the torch backend keeps the
+        # plain eager loops below (the reference).
+        self.runtime = DecodeRuntime(self, memory_plan, cuda_graphs) if backend == "triton" and memory_plan else None
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -125,9 +131,17 @@ class JanusPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def warmup(self, top_k: int | None = None) -> list[int]:
+        """Build the static decode state of every image bucket now (and, with CUDA Graphs, capture each one,
+        largest first, so the smaller graphs reuse the largest one's memory). Otherwise this happens on
+        each bucket's first request. Returns the bucket sizes in rows; [] without the static runtime."""
+        if top_k is not None and not _positive_int(top_k):
+            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+        return self.runtime.warmup(top_k) if self.runtime is not None else []
+
     # -------------------------------------------------------------------------- text → image codes
-    def _image_prefill(self, prompt, num_images: int):
-        """Prefill the interleaved CFG batch. Returns (last hidden [2N, D], cache, longest prompt T)."""
+    def _image_rows(self, prompt, num_images: int) -> list[list[int]]:
+        """The interleaved CFG token rows: per prompt, num_images × (conditional, unconditional)."""
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)):
@@ -149,27 +163,48 @@ class JanusPipeline:
             # Unconditional row: every position but the first (BOS) and the last (<begin_of_image>) is pad.
             uncond = [ids[0]] + [tk.pad_id] * (len(ids) - 2) + [ids[-1]]
             rows += [ids, uncond] * num_images
-        T = max(len(r) for r in rows)
-        h, cache, _ = self._prefill(rows, T + n_tok)
+        return rows
+
+    def _image_prefill(self, prompt, num_images: int):
+        """Prefill the interleaved CFG batch. Returns (last hidden [2N, D], cache, longest prompt T).
+        With the static runtime the cache is a view of its KV pool (the eager loops stay inside the plan)."""
+        rows = self._image_rows(prompt, num_images)
+        R, T = len(rows), max(len(r) for r in rows)
+        cache = None
+        if self.runtime is not None:
+            cache = self.runtime.kv_cache(R, self.memory_plan.image_bucket(R, T)[1])
+        h, cache, _ = self._prefill(rows, T + self.cfg.num_image_tokens, cache=cache)
         return h, cache, T
 
-    def _prefill(self, rows: list[list[int]], capacity: int, image_embeds: torch.Tensor | None = None):
-        """Right-padded prefill of token rows into a new cache of `capacity` slots per row.
+    def _prefill(self, rows: list[list[int]], capacity: int, image_embeds: torch.Tensor | None = None,
+                 cache=None, keep_all: bool = False):
+        """Right-padded prefill of token rows into a new cache of `capacity` slots per row (or into `cache`,
+        a view of the static pool with one row per token row).
 
-        Returns (hidden state of each row's last real token [R, D], cache, all hidden states [R, T, D]).
-        image_embeds [R, n, D] replace the image placeholder tokens (understanding)."""
+        Returns (hidden state of each row's last real token [R, D], cache, all hidden states [R, T, D] if
+        keep_all else None). image_embeds [R, n, D] replace the image placeholder tokens (understanding).
+        Runs in row chunks whose activations stay within the memory plan's prefill budget."""
         R, T = len(rows), max(len(r) for r in rows)
         tokens = torch.full((R, T), self.tokenizer.pad_id, dtype=torch.long)
         for r, ids in enumerate(rows):
             tokens[r, :len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        x = self.model.embed_text(tokens)  # [R, T, D]
-        if image_embeds is not None:
-            x[tokens == self.tokenizer.image_id] = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
-        cache = self.model.new_cache(R, capacity)
-        h = self.model.llm.prefill(x, cache, lengths)  # [R, T, D]
-        return h[torch.arange(R, device=self.device), lengths.long() - 1], cache, h  # [R, D]
+        if cache is None:
+            cache = self.model.new_cache(R, capacity)
+        chunk = prefill_chunk_rows(self.cfg, T, self.dtype.itemsize)
+        last, every = [], []
+        for a in range(0, R, chunk):
+            b = min(R, a + chunk)
+            x = self.model.embed_text(tokens[a:b])  # [r, T, D]
+            if image_embeds is not None:
+                x[tokens[a:b] == self.tokenizer.image_id] = image_embeds[a:b].reshape(-1, x.shape[-1]).to(x.dtype)
+            h = self.model.llm.prefill(x, cache.view_rows(b - a, a), lengths[a:b])  # [r, T, D]
+            last.append(h[torch.arange(b - a, device=self.device), lengths[a:b].long() - 1])  # [r, D]
+            if keep_all:
+                every.append(h)
+        cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs))  # noqa: E731
+        return cat(last), cache, cat(every) if keep_all else None
 
     @torch.inference_mode()
     def first_step_logits(self, prompt, num_images: int = 1, cfg_weight: float = 5.0) -> torch.Tensor:
@@ -181,12 +216,27 @@ class JanusPipeline:
     @torch.inference_mode()
     def generate_image_tokens(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                               seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                              progress: bool = False) -> torch.LongTensor:
-        """Image codes [N, 576] (row-major 24×24 grid), N = len(prompts) × num_images, in prompt order."""
+                              progress: bool = False, callback=None) -> torch.LongTensor:
+        """Image codes [N, 576] (row-major 24×24 grid), N = len(prompts) × num_images, in prompt order.
+
+        callback(row, codes): called after each completed row of the code grid (every 24 codes for the
+        published models) with the codes so far [N, 24·(row+1)] on the CPU, for progressive previews. It
+        costs one host copy per call; without it the loop never waits for the host."""
         _check_sampling(temperature, top_k, top_p, cfg_weight)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
         seed = self._seed(seed)
         m, n_tok = self.model, self.cfg.num_image_tokens
         t0 = time.perf_counter()
+        if self.runtime is not None and top_p is None:
+            rows = self._image_rows(prompt, num_images)
+            marks: dict[str, float] = {}
+            codes = self.runtime.image_codes(rows, cfg_weight, temperature, seed, top_k, callback, marks, progress)
+            codes = codes.to("cpu", copy=True)  # never hand out the static buffer (on the CPU .cpu() would alias it)
+            t2 = time.perf_counter()
+            self.last_timings = {"prefill_s": marks["prefill_end"] - t0, "decode_s": t2 - marks["prefill_end"],
+                                 "steps": n_tok, "cuda_graphs": self.cuda_graphs}
+            return codes
         h, cache, T = self._image_prefill(prompt, num_images)
         self._sync()
         t1 = time.perf_counter()
@@ -197,13 +247,15 @@ class JanusPipeline:
         sampler = self._sampler(h.shape[0] // 2, n_tok, cfg_weight, temperature, seed, top_k, top_p, paired=True)
         for i in steps:
             sampler(m.gen_head(h))  # [N] codes, written to sampler.codes[:, i] and, per row, to sampler.rows [2N]
+            if callback is not None and (i + 1) % self.cfg.vq.grid == 0:  # a row of the code grid is complete
+                callback((i + 1) // self.cfg.vq.grid - 1, sampler.codes[:, :i + 1].to("cpu", copy=True))
             if i == n_tok - 1:
                 break
             x = m.embed_image_codes(sampler.rows)  # [2N, D]: the same code to both rows of a pair
             h = m.llm.decode(x, cache, self.backend, bound=T + i + 1)
         out = sampler.codes.cpu()
         t2 = time.perf_counter()
-        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok}
+        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False}
         return out
 
     def _sampler(self, n: int, steps: int, cfg_weight, temperature, seed: int, top_k, top_p, paired: bool):
@@ -232,15 +284,18 @@ class JanusPipeline:
         return codes.long()
 
     @torch.inference_mode()
-    def decode_image_pixels(self, codes, batch_size: int = 8) -> torch.Tensor:
-        """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device)."""
+    def decode_image_pixels(self, codes, batch_size: int | None = None) -> torch.Tensor:
+        """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device).
+        batch_size: images per VQ decoder call (default: what the memory plan leaves room for, at most 8)."""
+        if batch_size is None:
+            batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
         if not _positive_int(batch_size):
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
 
-    def decode_image_tokens(self, codes, batch_size: int = 8):
+    def decode_image_tokens(self, codes, batch_size: int | None = None):
         t0 = time.perf_counter()
         images = to_pil(self.decode_image_pixels(codes, batch_size))
         self.last_timings["vq_decode_s"] = time.perf_counter() - t0
@@ -248,9 +303,10 @@ class JanusPipeline:
 
     def generate_images(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                         seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                        progress: bool = False):
+                        progress: bool = False, callback=None):
         """List of PIL images (384×384 for the published models), len(prompts) × num_images, in prompt order."""
-        codes = self.generate_image_tokens(prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, progress)
+        codes = self.generate_image_tokens(prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, progress,
+                                           callback)
         return self.decode_image_tokens(codes)
 
     @torch.inference_mode()
@@ -269,7 +325,7 @@ class JanusPipeline:
         """Aligned image embeddings [576, D] (what replaces the image placeholders in the LLM input)."""
         return self.model.encode_images(self._pixels(image))[0]
 
-    def _understanding_prefill(self, image, question: str, max_new_tokens: int):
+    def _understanding_inputs(self, image, question: str, max_new_tokens: int):
         if not isinstance(question, str):
             raise InputError(f"question must be a string, got {type(question).__name__}")
         tag = self.tokenizer.processor.image_tag
@@ -280,12 +336,13 @@ class JanusPipeline:
         T = len(ids)
         self._check_context(T, max_new_tokens, "the question with its image")
         img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
-        return self._prefill([ids], T + max_new_tokens, image_embeds=img), T
+        return ids, img
 
     @torch.inference_mode()
     def understanding_logits(self, image, question: str) -> torch.Tensor:
         """Text logits over the whole prompt [T, vocab] (fp32): the first answer token is the last row."""
-        (_, _, h), _ = self._understanding_prefill(image, question, 1)
+        ids, img = self._understanding_inputs(image, question, 1)
+        _, _, h = self._prefill([ids], len(ids) + 1, image_embeds=img, keep_all=True)
         return self.model.language_model.lm_head(h[0]).float()
 
     @torch.inference_mode()
@@ -298,7 +355,20 @@ class JanusPipeline:
         _check_sampling(temperature, top_k, top_p)
         seed = self._seed(seed)
         t0 = time.perf_counter()
-        (h, cache, _), T = self._understanding_prefill(image, question, max_new_tokens)
+        ids, img = self._understanding_inputs(image, question, max_new_tokens)
+        T = len(ids)
+        if self.runtime is not None and top_p is None:
+            marks: dict[str, float] = {}
+            out = self.runtime.text_tokens(ids, img, max_new_tokens, temperature, seed, top_k, self.tokenizer.eos_id,
+                                           ignore_eos, on_first=lambda: marks.setdefault("first", time.perf_counter()))
+            t_end = time.perf_counter()
+            self.last_timings = {"time_to_first_token_s": marks["first"] - t0, "total_s": t_end - t0,
+                                 "new_tokens": len(out), "prompt_len": T, "cuda_graphs": self.cuda_graphs}
+            return out
+        cache = None
+        if self.runtime is not None:  # top_p: the eager loop, inside the memory plan
+            cache = self.runtime.kv_cache(1, self.memory_plan.text_capacity(T, max_new_tokens))
+        h, cache, _ = self._prefill([ids], T + max_new_tokens, image_embeds=img, cache=cache)
         lm_head, out = self.model.language_model.lm_head, []
         sampler = self._sampler(1, max_new_tokens, None, temperature, seed, top_k, top_p, paired=False)
         t_first = None
@@ -315,7 +385,7 @@ class JanusPipeline:
             h = self.model.llm.decode(self.model.embed_text(tok), cache, self.backend, bound=T + i + 1)
         t_end = time.perf_counter()
         self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out),
-                             "prompt_len": T}
+                             "prompt_len": T, "cuda_graphs": False}
         return out
 
     def answer(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -329,15 +399,46 @@ def _vq_processor(proc, size):
     return replace(proc, image_size=size, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 
 
-def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None) -> JanusPipeline:
+def resolve_cuda_graphs(cuda_graphs, device: torch.device, backend: str) -> bool:
+    """"auto": on for CUDA with the triton backend. True is checked and explained."""
+    if cuda_graphs not in (True, False, "auto"):
+        raise InputError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+    if cuda_graphs == "auto":  # not with TRITON_INTERPRET=1: the interpreter copies to the host every launch
+        return device.type == "cuda" and backend == "triton" and not triton_status()[1]
+    if cuda_graphs and device.type != "cuda":
+        raise InputError(f"cuda_graphs=True needs a CUDA device, but the device is {device}; use cuda_graphs=False")
+    if cuda_graphs and backend != "triton":
+        raise InputError("cuda_graphs=True needs backend='triton': the torch backend's sampler reads host values "
+                         "every step and cannot be captured")
+    return bool(cuda_graphs)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now (CUDA), or the host's available RAM (Linux), else None."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by torch's allocator are free for the plan too
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import os
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None,
+         cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None) -> JanusPipeline:
     """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
 
     backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
-    "triton" on the CPU needs TRITON_INTERPRET=1 and is slow but exact: it is how CI tests the kernels."""
+    "triton" on the CPU needs TRITON_INTERPRET=1 and is slow but exact: it is how CI tests the kernels.
+    cuda_graphs: "auto" (on for CUDA + triton), True or False. With the triton backend the decode state is
+    static and sized by a memory plan made here from the free device memory: max_rows (2 per image) and
+    max_len (KV slots per row) override it. A request that does not fit fails before it starts."""
     path = Path(path)
     cfg = JanusConfig.from_file(path)
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
+    graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
     if proc.num_image_tokens != cfg.vision.num_patches or proc.image_size != cfg.vision.image_size:
@@ -345,6 +446,13 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
                           f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
     with torch.device("meta"):
         model = JanusModel(cfg)
+    if backend != "triton" and (max_rows is not None or max_len is not None):
+        raise InputError("max_rows/max_len size the static decode state of the triton backend; the torch backend "
+                         "allocates per request. Drop them or use backend='triton'")
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
     model.eval()
-    return JanusPipeline(model, tokenizer, dev, dt, files, path, backend)
+    plan = None
+    if backend == "triton":
+        plan = plan_memory(cfg, torch.empty(0, dtype=dt).element_size(), free_memory(dev), max_rows=max_rows,
+                           max_len=max_len)
+    return JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)

@@ -36,6 +36,18 @@ class KVCache:
         self.lengths = torch.zeros(rows, device=device, dtype=torch.int32)
         self.max_len = max_len
 
+    @classmethod
+    def from_buffers(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
+        """A cache over existing buffers (views of the static KV pool): nothing is allocated."""
+        self = cls.__new__(cls)
+        self.k, self.v, self.lengths, self.max_len = k, v, lengths, k.shape[3]
+        return self
+
+    def view_rows(self, rows: int, start: int = 0) -> "KVCache":
+        """Rows start .. start+rows−1, sharing storage (and lengths) with this cache."""
+        sl = slice(start, start + rows)
+        return KVCache.from_buffers(self.k[:, sl], self.v[:, sl], self.lengths[sl])
+
     @property
     def rows(self) -> int:
         return self.k.shape[1]

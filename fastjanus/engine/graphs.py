@@ -1,0 +1,214 @@
+"""The static decode runtime: decode state in buffers allocated once, one step that reads and writes only
+them, and (on CUDA) that step captured as a CUDA Graph per batch bucket and replayed.
+
+A step is: embed the previous token of every row → one decoder step (flash-decoding attention, KV appended
+at each row's device-side length) → head → fused sampler (guidance, temperature, top-k, draw; writes the
+token per row and into a history at the device-side step). Nothing in it reads a host value, so 575
+replays run without the host waiting; the codes are copied back once at the end (or after every row of
+the code grid, 24 codes, when a streaming callback asks for them). Text decoding replays the same kind of
+step for one row and looks for EOS in the history every TEXT_CHUNK tokens instead of after every token.
+
+Requests are padded to the smallest bucket (2, 4, 8, ... rows) that holds them. Padded rows start at length
+0 with a zero hidden state: every op is row-independent, so they cannot change real rows, and their codes
+are dropped. The eager mode (graphs off) runs the very same step on the same padded buffers, so graphs on
+and off give identical codes for the same seed. All buckets view one KV pool (engine/memory.py): only one
+request runs at a time.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..models.llama import KVCache
+from .memory import MemoryPlan
+from .sampling import KernelSampler
+
+TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
+
+
+class KVPool:
+    """One K and one V buffer of `plan.pool_slots` token slots, viewed per bucket as a [layers, rows,
+    kv_heads, capacity, head_dim] cache."""
+
+    def __init__(self, model, plan: MemoryPlan):
+        L = model.cfg.language
+        p = model.language_model.lm_head.weight
+        self.per_slot = L.num_hidden_layers * L.num_key_value_heads * L.head_dim
+        self.layers, self.kv_heads, self.head_dim = L.num_hidden_layers, L.num_key_value_heads, L.head_dim
+        n = plan.pool_slots * self.per_slot
+        self.k = torch.zeros(n, device=p.device, dtype=p.dtype)
+        self.v = torch.zeros(n, device=p.device, dtype=p.dtype)
+        self.plan = plan
+
+    def cache(self, rows: int, capacity: int) -> KVCache:
+        assert rows * capacity <= self.plan.pool_slots, (rows, capacity, self.plan.pool_slots)
+        shape = (self.layers, rows, self.kv_heads, capacity, self.head_dim)
+        n = rows * capacity * self.per_slot
+        lengths = torch.zeros(rows, device=self.k.device, dtype=torch.int32)
+        return KVCache.from_buffers(self.k[:n].view(shape), self.v[:n].view(shape), lengths)
+
+
+class StaticDecoder:
+    """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
+
+    def __init__(self, pipe, pool: KVPool, rows: int, capacity: int, paired: bool, top_k: int | None,
+                 history: int, use_graph: bool, graph_pool=None):
+        m = pipe.model
+        self.pipe, self.model, self.rows, self.capacity, self.paired = pipe, m, rows, capacity, paired
+        self.cache = pool.cache(rows, capacity)
+        n = rows // 2 if paired else rows
+        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, pipe.device)
+        self.head = m.gen_head if paired else m.language_model.lm_head
+        self.embed = m.embed_image_codes if paired else m.embed_text
+        self.use_graph, self.graph_pool, self.graph = use_graph, graph_pool, None
+        self.backend = pipe.backend
+
+    # the step: everything it touches is a buffer of this object (or the model's weights)
+    def step(self) -> None:
+        x = self.embed(self.sampler.rows)  # [R, D]
+        h = self.model.llm.decode(x, self.cache, self.backend)  # [R, D]; lengths += 1 on the device
+        self.sampler(self.head(h))  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
+
+    def _capture(self) -> None:
+        """Eager warm-up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then capture.
+        The warm-up writes garbage into this bucket's cache and state; start() resets all of it."""
+        self.cache.lengths.zero_()
+        self.sampler.step.zero_()
+        self.sampler.rows.zero_()  # torch.empty garbage would index the embedding out of bounds
+        self.sampler.out.zero_()
+        with torch.cuda.device(self.pipe.device), torch.inference_mode():  # cuda:1 captures on cuda:1
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.graph_pool):
+                self.step()
+        self.graph = g
+
+    def ensure_graph(self) -> None:
+        """Capture on first use (before the prefill: the warm-up steps overwrite the start of the cache)."""
+        if self.use_graph and self.graph is None:
+            self._capture()
+
+    def start(self, h: torch.Tensor, cfg_weight: float | None, temperature: float, seed: int) -> None:
+        """After the prefill (which filled the first h.shape[0] rows of self.cache and their lengths): reset
+        the padded rows and the sampler, then sample the first token from h [R_real, D] eagerly."""
+        r = h.shape[0]
+        self.cache.lengths[r:] = 0
+        sp = self.sampler
+        sp.cfg_weight.fill_(1.0 if cfg_weight is None else cfg_weight)
+        sp.temperature.fill_(temperature)
+        sp.seed.fill_(seed)
+        sp.step.zero_()
+        hh = torch.zeros(self.rows, h.shape[1], device=h.device, dtype=h.dtype)
+        hh[:r] = h
+        sp(self.head(hh))
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+
+
+class DecodeRuntime:
+    """The pool, the decoders per bucket, and the loops that drive them (owned by a JanusPipeline)."""
+
+    def __init__(self, pipe, plan: MemoryPlan, use_graphs: bool):
+        self.pipe, self.plan, self.use_graphs = pipe, plan, use_graphs
+        # Allocated now, at load, so that what the plan promised is held (nothing else can take it meanwhile).
+        self.pool = KVPool(pipe.model, plan)
+        self.decoders: dict[tuple, StaticDecoder] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def _decoder(self, rows: int, capacity: int, paired: bool, top_k, history: int) -> StaticDecoder:
+        # One decoder (and graph) per bucket and top_k value: top_k sets the sampler's launch configuration.
+        key = (rows, capacity, paired, top_k)
+        d = self.decoders.get(key)
+        if d is None:
+            d = StaticDecoder(self.pipe, self.pool, rows, capacity, paired, top_k, history, self.use_graphs,
+                              self.graph_pool)
+            self.decoders[key] = d
+        return d
+
+    @torch.inference_mode()
+    def warmup(self, top_k=None) -> list[int]:
+        """Capture every image bucket now, largest first (so smaller graphs reuse the largest one's pool)."""
+        done = []
+        for rows in sorted(self.plan.buckets, reverse=True):
+            d = self._decoder(rows, self.plan.capacity(rows), True, top_k, self.plan.image_tokens)
+            d.ensure_graph()
+            done.append(rows)
+        return done
+
+    def image_codes(self, rows_tokens: list[list[int]], cfg_weight: float, temperature: float, seed: int,
+                    top_k, callback=None, timings: dict | None = None, progress: bool = False) -> torch.Tensor:
+        """Codes [N, image_tokens] for the interleaved cond/uncond token rows: a view of the bucket's static
+        history (copy it before the next request)."""
+        pipe, n_tok = self.pipe, self.plan.image_tokens
+        R, T = len(rows_tokens), max(len(r) for r in rows_tokens)
+        bucket, cap = self.plan.image_bucket(R, T)
+        d = self._decoder(bucket, cap, True, top_k, n_tok)
+        d.ensure_graph()
+        h, _, _ = pipe._prefill(rows_tokens, cap, cache=d.cache.view_rows(R))  # [R, D]: fills cache rows 0..R−1
+        d.start(h, cfg_weight, temperature, seed)
+        if timings is not None:
+            pipe._sync()
+            timings["prefill_end"] = time.perf_counter()
+        codes = d.sampler.codes[: R // 2]
+        every = pipe.cfg.vq.grid  # codes per row of the grid (24 for the published models)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
+        chunked = callback is not None or bar is not None  # a host sync per grid row, only when asked for
+        done = 1
+        while done < n_tok:
+            k = min(n_tok - done, every - done % every) if chunked else n_tok - done
+            d.run(k)
+            done += k
+            if chunked and done % every == 0:
+                if callback is not None:
+                    callback(done // every - 1, codes[:, :done].to("cpu", copy=True))
+                if bar is not None:
+                    pipe._sync()
+                    bar.update(every if done > every else every - 1)
+        if bar is not None:
+            bar.close()
+        return codes
+
+    def kv_cache(self, rows: int, capacity: int) -> KVCache:
+        """A cache over the pool for the eager loops (top_p), so they stay inside the memory plan too."""
+        return self.pool.cache(rows, capacity)
+
+    def text_tokens(self, prompt_ids: list[int], image_embeds, max_new_tokens: int, temperature: float, seed: int,
+                    top_k, eos_id: int, ignore_eos: bool, on_first=None) -> list[int]:
+        pipe = self.pipe
+        T = len(prompt_ids)
+        cap = self.plan.text_capacity(T, max_new_tokens)
+        d = self._decoder(1, cap, False, top_k, cap)
+        d.ensure_graph()
+        h, _, _ = pipe._prefill([prompt_ids], cap, image_embeds=image_embeds, cache=d.cache)
+        d.start(h, None, temperature, seed)
+        hist = d.sampler.codes[0]
+        first = int(hist[0])  # the first token: one sync (time to first token)
+        if on_first is not None:
+            on_first()
+        if first == eos_id and not ignore_eos:
+            return []
+        done = 1
+        while done < max_new_tokens:
+            k = min(TEXT_CHUNK, max_new_tokens - done)
+            d.run(k)
+            done += k
+            if not ignore_eos and bool((hist[done - k:done] == eos_id).any()):
+                break
+        out = hist[:done].tolist()
+        if not ignore_eos and eos_id in out:
+            out = out[:out.index(eos_id)]
+        return out
