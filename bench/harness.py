@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..random_init import cached_random_model
 from . import roofline as rl
+from .roofline import sync as _sync
 
 SCENARIOS = ("t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand")
 BASELINES = ("torch-eager", "transformers")
@@ -82,11 +84,6 @@ class BenchConfig:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _stats(xs: list[float]) -> dict:
     return {"median_s": statistics.median(xs), "min_s": min(xs), "max_s": max(xs)}
 
@@ -103,26 +100,6 @@ def _reset_peak(device: torch.device) -> None:
 
 def _peak(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def cached_random_model(arch: str, progress: bool = True) -> Path:
-    """The random checkpoint of a preset, written once into the fastjanus cache (speed does not depend on
-    the weight values). Written to a temporary folder first, so an interrupted write is never reused."""
-    from ..cli import _cache_dir
-    from ..random_init import init_random
-    d = _cache_dir() / f"random-{arch}"
-    if (d / "config.json").is_file() and (d / ".complete").is_file():
-        return d
-    import shutil
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    init_random(arch, tmp, seed=0, progress=progress)
-    (tmp / ".complete").write_text("ok\n")
-    if d.exists():
-        shutil.rmtree(d)
-    tmp.rename(d)
-    return d
 
 
 def random_prompt(rng: random.Random, words: int) -> str:
@@ -306,7 +283,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     from ..image import preprocess
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, cfg.progress)
+    path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, progress=cfg.progress)
     t0 = time.perf_counter()
     pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend,
                 cuda_graphs=cfg.cuda_graphs)
@@ -451,17 +428,15 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                     torch.cuda.empty_cache()
                 continue
             if kind == "t2i":
-                m = _median(rows, "total_s")
-                sc["baselines"][b] = {"median_s": m, "min_s": min(r["total_s"] for r in rows),
-                                      "max_s": max(r["total_s"] for r in rows), "speedup": m / sc["median_s"]}
+                st = _stats([r["total_s"] for r in rows])
+                sc["baselines"][b] = {**st, "speedup": st["median_s"] / sc["median_s"]}
                 for k in ("decode_s", "generate_s"):  # torch-eager: the decode loop; transformers: generate()
                     if k in rows[0]:
                         sc["baselines"][b][k] = _median(rows, k)
             else:
                 for s, key in zip(sc, ("ttft_s", "decode_s")):
-                    m = _median(rows, key)
-                    s["baselines"][b] = {"median_s": m, "min_s": min(r[key] for r in rows),
-                                         "max_s": max(r[key] for r in rows), "speedup": m / s["median_s"]}
+                    st = _stats([r[key] for r in rows])
+                    s["baselines"][b] = {**st, "speedup": st["median_s"] / s["median_s"]}
         log(f"baseline {b}: {time.perf_counter() - t_b:.0f} s")
         if hf is not None:
             del hf

@@ -81,7 +81,7 @@ def count_flops(fn) -> int:
 
 
 # ------------------------------------------------------------------------------------ device limits
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -89,10 +89,10 @@ def _sync(device: torch.device) -> None:
 def _median_s(fn, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

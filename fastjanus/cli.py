@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,24 +10,10 @@ from pathlib import Path
 from .errors import FastJanusError
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("FASTJANUS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastjanus")
-    return Path(base)
-
-
 def default_tiny_model() -> Path:
     """A tiny random checkpoint, written once into the cache directory."""
-    from .random_init import init_random
-    d = _cache_dir() / "tiny-random"
-    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
-        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        init_random("tiny", tmp, seed=0)
-        if d.exists():
-            import shutil
-            shutil.rmtree(d)
-        tmp.rename(d)
-    return d
+    from .random_init import cached_random_model
+    return cached_random_model("tiny", folder="tiny-random")
 
 
 def _model_arg(args) -> Path:

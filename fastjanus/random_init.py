@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -202,3 +204,27 @@ def init_random(arch: str, out: str | Path, fmt: str | None = None, seed: int = 
     write_tokenizer_files(out, arch, cfg.vision.num_patches, cfg.vision.image_size)
     write_weights(out, cfg, fmt, seed, progress=progress, max_shard_bytes=max_shard_bytes)
     return out
+
+
+def cache_dir() -> Path:
+    """fastjanus's cache folder: $FASTJANUS_CACHE, else $XDG_CACHE_HOME/fastjanus, else ~/.cache/fastjanus."""
+    base = os.environ.get("FASTJANUS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastjanus")
+    return Path(base)
+
+
+def cached_random_model(arch: str, folder: str | None = None, progress: bool = False) -> Path:
+    """The random checkpoint of a preset, written once into the cache (`folder`, default random-<arch>).
+    It is written to a temporary folder and marked complete, so an interrupted write is never reused."""
+    d = cache_dir() / (folder or f"random-{arch}")
+    if (d / "config.json").is_file() and (d / ".complete").is_file():
+        return d
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    init_random(arch, tmp, seed=0, progress=progress)
+    (tmp / ".complete").write_text("ok\n")
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d

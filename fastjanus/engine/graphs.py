@@ -55,7 +55,7 @@ class StaticDecoder:
     def __init__(self, pipe, pool: KVPool, rows: int, capacity: int, paired: bool, top_k: int | None,
                  history: int, use_graph: bool, graph_pool=None):
         m = pipe.model
-        self.pipe, self.model, self.rows, self.capacity, self.paired = pipe, m, rows, capacity, paired
+        self.pipe, self.model, self.rows = pipe, m, rows
         self.cache = pool.cache(rows, capacity)
         n = rows // 2 if paired else rows
         self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, pipe.device)
