@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, arg
 from ..random_init import cached_random_model
 from . import roofline as rl
 from .roofline import sync as _sync
@@ -57,6 +57,7 @@ class BenchConfig:
     prompt_words: int = 12
     seed: int = 0
     progress: bool = True
+    time_limit: float | None = None  # seconds: no new run starts after it (what is left out is reported)
 
     def __post_init__(self):
         if (self.arch is None) == (self.model is None):
@@ -67,20 +68,24 @@ class BenchConfig:
         self.baselines = tuple(self.baselines)
         for s in self.scenarios:
             if s not in SCENARIOS:
-                raise InputError(f"unknown scenario {s!r}; choose from {SCENARIOS}")
+                raise InputError(f"unknown {arg('scenario')} {s!r}; choose from {', '.join(SCENARIOS)}")
         for b in self.baselines:
             if b not in BASELINES:
-                raise InputError(f"unknown baseline {b!r}; choose from {BASELINES} (or none)")
+                raise InputError(f"unknown baseline {b!r} in {arg('baselines')}; choose from {', '.join(BASELINES)} "
+                                 "(or none)")
         if not self.scenarios:
             raise InputError("no scenario selected")
         for name, lo in (("repeats", 1), ("warmup", 0), ("text_tokens", 2), ("prompt_words", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+                raise InputError(f"{arg(name)} must be an integer >= {lo}, got {v!r}")
         for name in ("baseline_repeats", "max_batch"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InputError(f"{name} must be an integer >= 1 or None, got {v!r}")
+                raise InputError(f"{arg(name)} must be an integer >= 1 (or left out), got {v!r}")
+        if self.time_limit is not None and (not isinstance(self.time_limit, (int, float)) or
+                                            isinstance(self.time_limit, bool) or not self.time_limit > 0):
+            raise InputError(f"{arg('time_limit')} must be a number of seconds > 0, got {self.time_limit!r}")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -132,6 +137,19 @@ def device_info(device: torch.device) -> dict:
             "cuda": None}
 
 
+def package_versions() -> dict:
+    """Versions of what the numbers depend on (None: not installed)."""
+    from importlib import metadata
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "numpy", "transformers", "onnxruntime", "onnxruntime-gpu", "onnx", "flash-attn",
+                 "tokenizers", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _triton_version() -> str:
     from ..kernels import triton_status
     ok, _, info = triton_status()
@@ -146,11 +164,23 @@ def _scenario(name: str, num_images, times: list[float], **extra) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the runs
-class _Runner:
-    """Runs one scenario's callable with warm-up, repeats and progress; each call gets the repeat index."""
+class OutOfTime(Exception):
+    """The time limit came before a scenario had one timed run."""
 
-    def __init__(self, cfg: BenchConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+
+class _Runner:
+    """Runs one scenario's callable with warm-up, repeats and progress; each call gets the repeat index.
+
+    With a deadline (--time-limit), no run starts once the deadline has passed or when the last run's
+    duration says it would end after it; a scenario keeps the timed runs it has (its `repeats_done` says how
+    many), and one with none raises OutOfTime."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device, deadline: float | None = None):
+        self.cfg, self.device, self.deadline = cfg, device, deadline
+        self.cut: list[str] = []  # scenarios that ran fewer repeats than asked
+
+    def out_of_time(self, need: float = 0.0) -> bool:
+        return self.deadline is not None and time.perf_counter() + need > self.deadline
 
     def repeat(self, what: str, fn, repeats: int) -> list[dict]:
         rows = []
@@ -159,8 +189,16 @@ class _Runner:
         if self.cfg.progress:
             from tqdm import tqdm
             it = tqdm(it, desc=what, unit="run", leave=False, file=sys.stderr)
+        last = 0.0
         for i in it:
+            if self.out_of_time(last):
+                if not rows:
+                    raise OutOfTime(f"{what}: the time limit came before its first timed run")
+                self.cut.append(f"{what}: {len(rows)} of {repeats} timed runs (time limit)")
+                break
+            t = time.perf_counter()
             r = fn(i - self.cfg.warmup if i >= self.cfg.warmup else -1 - i)
+            last = time.perf_counter() - t
             if i >= self.cfg.warmup:
                 rows.append(r)
         return rows
@@ -199,6 +237,7 @@ def hf_image_generation_config(tk, num_images: int, image_tokens: int):
 def _hf_t2i(hf, pipe, n: int, prompt: str, seed: int) -> dict:
     """Timed like _fj_t2i: from the prompt string (tokenization included) to pixels on the host."""
     from ..image import to_pil
+    from .hf_port import generate_image_codes
     tk, dev = pipe.tokenizer, pipe.device
     gc = hf_image_generation_config(tk, n, pipe.cfg.num_image_tokens)
     torch.manual_seed(seed)
@@ -206,7 +245,7 @@ def _hf_t2i(hf, pipe, n: int, prompt: str, seed: int) -> dict:
     t0 = time.perf_counter()
     with torch.inference_mode():
         ids = torch.tensor([tk.generation_prompt(prompt)], device=dev)
-        codes = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, generation_mode="image")
+        codes = generate_image_codes(hf, ids, gc, pipe.cfg.num_image_tokens)
         _sync(dev)
         t1 = time.perf_counter()
         px = hf.decode_image_tokens(codes)  # [N, H, W, 3] in transformers 5.x
@@ -282,14 +321,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     from ..engine.pipeline import JanusPipeline, load, resolve_device_dtype
     from ..image import preprocess
 
+    t_begin = time.perf_counter()
+    deadline = None if cfg.time_limit is None else t_begin + cfg.time_limit
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, progress=cfg.progress)
-    t0 = time.perf_counter()
+    # warmup=True: every bucket's graph is captured (or its kernels compiled) here, not in a timed run
     pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend,
-                cuda_graphs=cfg.cuda_graphs)
+                cuda_graphs=cfg.cuda_graphs, warmup=True)
     log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend, "
-        f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
-        f"in {time.perf_counter() - t0:.1f} s")
+        f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) in {pipe.load_timings['load_s']:.1f} s, "
+        f"warm-up (capture) {pipe.load_timings['warmup_s']:.1f} s")
     jc = pipe.cfg
     elem = torch.empty(0, dtype=dtype).element_size()
     info = device_info(device)
@@ -300,7 +341,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     bw, bw_method = rl.copy_bandwidth(device)
     tflops, mm_method = rl.matmul_throughput(device, dtype)
     log(f"measured: copy bandwidth {bw:.0f} GB/s, matmul {tflops:.1f} TFLOP/s")
-    runner = _Runner(cfg, device)
+    runner = _Runner(cfg, device, deadline)
+    out_of_time: list[str] = []  # what the time limit left out
     reps_b = cfg.baseline_repeats or min(cfg.repeats, 2)
     scenarios: list[dict] = []
     pending: list[tuple[dict, str]] = []  # (scenario, kind) for the baselines, run after every fastjanus scenario
@@ -346,7 +388,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         sc["roofline_fraction"] = sc["tflops"] / tflops
         scenarios.append(sc)
 
-    for name in cfg.scenarios:
+    def scenario(name: str) -> None:
         if name in ("t2i-1", "t2i-16"):
             t2i(name, int(name.split("-")[1]))
         elif name == "throughput":
@@ -372,8 +414,18 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                             prompt_len=plen, new_tokens=n)
             dec["tokens_per_s"] = (n - 1) / dec["median_s"]
             decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1))
-            scenarios += [ttft, dec]
+            scenarios.extend([ttft, dec])
             pending.append(((ttft, dec), "understand"))
+
+    for name in cfg.scenarios:
+        try:
+            scenario(name)
+        except OutOfTime:
+            out_of_time.append(name)
+    # What the report needs of the pipeline, then its KV pool and graphs go: the baselines get the memory.
+    model, plan = pipe.model, pipe.memory_plan
+    load_timings = dict(pipe.load_timings)
+    pipe.close()
 
     # ---- baselines, after every fastjanus number (so the peaks above hold only fastjanus's own model)
     skipped: dict[str, str] = {}
@@ -398,8 +450,11 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             skipped["transformers"] = f"transformers is not installed ({e}); pip install 'transformers>=5.0'"
             want.remove("transformers")
     for b in want:
+        if runner.out_of_time():
+            out_of_time.extend(f"{b} {sc['name'] if kind == 't2i' else 'understand'}" for sc, kind in pending)
+            continue
         if b == "torch-eager":
-            base = JanusPipeline(pipe.model, pipe.tokenizer, device, dtype, pipe.weights, pipe.path, backend="torch")
+            base = JanusPipeline(model, pipe.tokenizer, device, dtype, pipe.weights, pipe.path, backend="torch")
             t2i_fn = lambda sc, i: _fj_t2i(base, sc["num_images"], *_t2i_inputs(cfg, i))  # noqa: E731
             und_fn = lambda i: _fj_understand(base, *_understand_inputs(cfg, pipe, i), cfg.text_tokens)  # noqa: E731
         else:
@@ -410,7 +465,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             hf_logging.set_verbosity_error()  # its per-call notes about max_length would drown the progress bars
             log("building the transformers Janus port from the loaded weights ...")
             try:
-                hf = build_hf_model(pipe.model, pipe.tokenizer, device, dtype, attn="sdpa")
+                hf = build_hf_model(model, pipe.tokenizer, device, dtype, attn="sdpa")
             except Exception as e:  # an incompatible transformers version: report, do not abort the run
                 skipped[b] = f"could not build the transformers Janus port: {type(e).__name__}: {e}"
                 continue
@@ -422,6 +477,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             try:
                 rows = runner.repeat(f"{b} {what}", (lambda i, sc=sc: t2i_fn(sc, i)) if kind == "t2i" else und_fn,
                                      reps_b)
+            except OutOfTime:
+                out_of_time.append(f"{b} {what}")
+                continue
             except Exception as e:  # e.g. out of memory at the throughput batch: keep every other number
                 failed.setdefault(b, {})[what] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 if device.type == "cuda":
@@ -453,9 +511,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         "torch": torch.__version__, "triton": _triton_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "backend": pipe.backend, "cuda_graphs": pipe.cuda_graphs,
-        "memory_plan": None if pipe.memory_plan is None else {
-            "pool_bytes": pipe.memory_plan.pool_bytes, "buckets": pipe.memory_plan.buckets,
-            "max_len": pipe.memory_plan.max_len, "source": pipe.memory_plan.source},
+        "memory_plan": None if plan is None else {
+            "pool_bytes": plan.pool_bytes, "buckets": plan.buckets, "max_len": plan.max_len, "source": plan.source},
+        "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
+        "versions": package_versions(),
         "quantization": None,
         "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                    "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
@@ -474,6 +533,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                    "flops": "torch.utils.flop_counter.FlopCounterMode on the real shapes (matmul/conv/attention)"},
         "copy_bandwidth_gbs": bw, "matmul_tflops": tflops,
         "scenarios": scenarios, "baselines_skipped": skipped, "baselines_failed": failed,
+        "time_limit": {"limit_s": cfg.time_limit, "skipped": out_of_time, "cut": runner.cut},
     }
 
 
@@ -528,6 +588,11 @@ def format_table(rep: dict) -> str:
     for b, errs in rep.get("baselines_failed", {}).items():
         for what, why in errs.items():
             lines.append(f"baseline {b} failed on {what}: {why}")
+    tl = rep.get("time_limit") or {}
+    for what in tl.get("skipped", []):
+        lines.append(f"not run (--time-limit {tl['limit_s']:g} s): {what}")
+    for what in tl.get("cut", []):
+        lines.append(f"cut short: {what}")
     return "\n".join(lines)
 
 
@@ -540,13 +605,18 @@ def main(args) -> int:
                       scenarios=tuple(args.scenario) if args.scenario else SCENARIOS, baselines=baselines,
                       repeats=args.repeats, warmup=args.warmup, baseline_repeats=args.baseline_repeats,
                       max_batch=args.max_batch, text_tokens=args.text_tokens, seed=args.seed or 0,
-                      progress=not args.quiet)
-    for p in (args.json, args.plot):  # fail now, not after minutes of measuring
+                      progress=not args.quiet, time_limit=getattr(args, "time_limit", None))
+    for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring
         if p:
+            if Path(p).is_dir():
+                raise InputError(f"{flag} {p}: is a folder; give a file name")
             parent = Path(p).resolve().parent
-            parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(parent, os.W_OK) or Path(p).is_dir():
-                raise InputError(f"cannot write {p}: the folder is not writable or the path is a folder")
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"{flag} {p}: cannot create its folder ({e.strerror or e})") from None
+            if not os.access(parent, os.W_OK):
+                raise InputError(f"{flag} {p}: the folder is not writable")
     rep = run_bench(cfg)
     print(format_table(rep))
     if args.json:

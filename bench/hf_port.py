@@ -112,3 +112,17 @@ def build_hf_model(model, tokenizer, device, dtype, attn: str = "sdpa") -> torch
         raise RuntimeError(f"transformers Janus port does not match the official layout: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     return hf
+
+
+def generate_image_codes(hf, input_ids: torch.Tensor, generation_config, image_tokens: int) -> torch.Tensor:
+    """`hf.generate(generation_mode="image")` with a static cache made here: [num_return_sequences, image_tokens].
+
+    transformers 5.17 (the lent GPU machines' version) fails to make its own: its Janus `generate` calls
+    `_prepare_static_cache()` without the `prefill_chunk_size` argument that method requires (fixed in 5.18).
+    A cache passed in is used as is, and gives the same codes on 5.17 and 5.23. Its length is what
+    transformers would size for itself: the prompt plus the image tokens; its batch (2 rows per image,
+    conditional and unconditional) is set at its first write."""
+    from transformers import StaticCache
+    cache = StaticCache(config=hf.config.get_text_config(), max_cache_len=input_ids.shape[1] + image_tokens)
+    return hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config,
+                       generation_mode="image", past_key_values=cache)

@@ -1,18 +1,25 @@
 """Kernel microbenchmarks: each Triton kernel next to the torch ops it replaces and against the roofline.
 
-    python -m fastjanus.bench.kernels [--dtype bf16] [--json bench/results/kernels-<device>-<date>.json]
+    python -m fastjanus.bench.kernels [--dtype bf16] [--json bench/results/<device>-<date>-kernels.json]
+                                      [--dry-run]
 
 Needs CUDA. One run measures the device's copy bandwidth (a 1 GiB device-to-device copy: read + write bytes
 over the median time) and then, per kernel and shape, the median time of the kernel and of the torch
 reference with `triton.testing.do_bench` (CUDA events; L2 flushed before every repeat), the bytes the op must
-move at minimum, the achieved GB/s and its fraction of the measured copy bandwidth.
+move at minimum, the achieved GB/s and its fraction of the measured copy bandwidth. `--dry-run` runs the same
+code on the CPU through Triton's interpreter at toy shapes, timed with the host clock: it checks the plumbing
+(the GPU pass's dry run uses it); its numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +29,23 @@ ATTN_SHAPES = [("janus-pro-1b", 16, 128), ("janus-pro-7b", 32, 128)]
 ROWS = [2, 32]
 KV_LEN = 700
 CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID = 16384, 8, 256, 24
+IMAGES = (1, 16)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    attn: list
+    rows: list
+    kv_len: int
+    codebook: int
+    embed_dim: int
+    z_channels: int
+    grid: int
+    images: tuple
+
+
+PUBLISHED = Shapes(ATTN_SHAPES, ROWS, KV_LEN, CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID, IMAGES)
+TOY = Shapes([("toy", 2, 16)], [2], 20, 256, 8, 16, 4, (1,))  # --dry-run: seconds in the interpreter
 
 
 def attention_bytes(rows: int, kv_heads: int, length: int, head_dim: int, elem: int, heads: int | None = None) -> int:
@@ -47,10 +71,20 @@ def _median_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def _host_median_ms(fn, n: int = 3) -> float:
+    """--dry-run: the host clock around a few calls (no device, no meaning; the plumbing only)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, device: str = "cuda", timer=_median_ms) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
+    ms = timer(lambda: dst.copy_(src))
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -60,7 +94,7 @@ def _row(name, shape, ms, ref_ms, nbytes, bw):
             "gbs": gbs, "roofline_fraction": gbs / bw}
 
 
-def run(dtype: torch.dtype) -> dict:
+def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
     import triton
 
     from ..engine.sampling import cfg_mix
@@ -70,59 +104,65 @@ def run(dtype: torch.dtype) -> dict:
     from ..kernels.vq_lookup import vq_lookup
 
     elem = torch.empty(0, dtype=dtype).element_size()
-    bw = copy_bandwidth_gbs()
+    dev, sh = ("cpu", TOY) if dry_run else ("cuda", PUBLISHED)
+    timer = _host_median_ms if dry_run else _median_ms
+    bw = copy_bandwidth_gbs(64 << 20 if dry_run else 1 << 30, dev, timer)
     results = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(0)
 
-    for arch, heads, hd in ATTN_SHAPES:
-        for rows in ROWS:
-            S = KV_LEN + 1
-            r = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
+    def r(*s):
+        return torch.randn(*s, generator=gen, device=dev).to(dtype)
+
+    for arch, heads, hd in sh.attn:
+        for rows in sh.rows:
+            S = sh.kv_len + 1
             q, kn, vn = r(rows, heads, hd), r(rows, heads, hd), r(rows, heads, hd)
             kc, vc = r(rows, heads, S, hd), r(rows, heads, S, hd)
-            L = torch.full((rows,), KV_LEN - 1, dtype=torch.int32, device="cuda")  # attend over 700 slots
+            L = torch.full((rows,), sh.kv_len - 1, dtype=torch.int32, device=dev)  # attend over kv_len slots
             out = torch.empty_like(q)
-            ms = _median_ms(lambda: decode_attention(q, kn, vn, kc, vc, L, out=out))
+            ms = timer(lambda: decode_attention(q, kn, vn, kc, vc, L, out=out))
             # torch reference: index_put append + SDPA with a [rows, 1, 1, S] mask (what backend="torch" runs)
-            ref_ms = _median_ms(lambda: decode_attention_ref(q, kn, vn, kc, vc, L, bound=KV_LEN))
+            ref_ms = timer(lambda: decode_attention_ref(q, kn, vn, kc, vc, L, bound=sh.kv_len))
             results.append(_row("decode_attention", {"arch": arch, "rows": rows, "heads": heads, "head_dim": hd,
-                                                     "kv_len": KV_LEN}, ms, ref_ms,
-                                attention_bytes(rows, heads, KV_LEN - 1, hd, elem, heads), bw))
+                                                     "kv_len": sh.kv_len}, ms, ref_ms,
+                                attention_bytes(rows, heads, sh.kv_len - 1, hd, elem, heads), bw))
 
-    for rows in ROWS:
-        logits = torch.randn(rows, CODEBOOK, generator=gen, device="cuda").to(dtype)
-        w, t, seed, step = (torch.tensor([5.0], device="cuda"), torch.tensor([1.0], device="cuda"),
-                            torch.tensor([0], device="cuda"), torch.tensor([0], device="cuda"))
-        out = torch.empty(rows // 2, dtype=torch.int64, device="cuda")
-        ms = _median_ms(lambda: cfg_sample(logits, cfg_weight=w, temperature=t, seed=seed, step=step, out=out))
-        g = torch.Generator(device="cuda").manual_seed(0)
+    for rows in sh.rows:
+        logits = r(rows, sh.codebook)
+        w, t, seed, step = (torch.tensor([5.0], device=dev), torch.tensor([1.0], device=dev),
+                            torch.tensor([0], device=dev), torch.tensor([0], device=dev))
+        out = torch.empty(rows // 2, dtype=torch.int64, device=dev)
+        ms = timer(lambda: cfg_sample(logits, cfg_weight=w, temperature=t, seed=seed, step=step, out=out))
+        g = torch.Generator(device=dev).manual_seed(0)
         # the torch sequence it replaces (the official sampler's): mix, scale, softmax, multinomial
-        ref_ms = _median_ms(lambda: torch.multinomial(torch.softmax(cfg_mix(logits, 5.0) / 1.0, -1), 1, generator=g))
-        results.append(_row("cfg_sample", {"rows": rows, "vocab": CODEBOOK, "temperature": 1.0}, ms, ref_ms,
-                            sample_bytes(rows, CODEBOOK, elem), bw))
+        ref_ms = timer(lambda: torch.multinomial(torch.softmax(cfg_mix(logits, 5.0) / 1.0, -1), 1, generator=g))
+        results.append(_row("cfg_sample", {"rows": rows, "vocab": sh.codebook, "temperature": 1.0}, ms, ref_ms,
+                            sample_bytes(rows, sh.codebook, elem), bw))
 
-    for images in (1, 16):
-        codes = torch.randint(0, CODEBOOK, (images, GRID * GRID), generator=gen, device="cuda")
-        emb = torch.randn(CODEBOOK, EMBED_DIM, generator=gen, device="cuda").to(dtype)
-        cw = torch.randn(Z_CHANNELS, EMBED_DIM, 1, 1, generator=gen, device="cuda").to(dtype)
-        cb = torch.randn(Z_CHANNELS, generator=gen, device="cuda").to(dtype)
-        out = torch.empty(images, Z_CHANNELS, GRID, GRID, dtype=dtype, device="cuda")
-        ms = _median_ms(lambda: vq_lookup(codes, emb, grid=GRID, conv_weight=cw, conv_bias=cb, out=out))
-        ref_ms = _median_ms(lambda: vq_lookup_ref(codes, emb, grid=GRID, conv_weight=cw, conv_bias=cb))
-        results.append(_row("vq_lookup+post_quant_conv", {"images": images, "grid": GRID, "codebook": CODEBOOK,
-                                                          "channels": Z_CHANNELS}, ms, ref_ms,
-                            vq_lookup_bytes(images, GRID * GRID, EMBED_DIM, Z_CHANNELS, elem), bw))
+    for images in sh.images:
+        codes = torch.randint(0, sh.codebook, (images, sh.grid * sh.grid), generator=gen, device=dev)
+        emb, cw, cb = r(sh.codebook, sh.embed_dim), r(sh.z_channels, sh.embed_dim, 1, 1), r(sh.z_channels)
+        out = torch.empty(images, sh.z_channels, sh.grid, sh.grid, dtype=dtype, device=dev)
+        ms = timer(lambda: vq_lookup(codes, emb, grid=sh.grid, conv_weight=cw, conv_bias=cb, out=out))
+        ref_ms = timer(lambda: vq_lookup_ref(codes, emb, grid=sh.grid, conv_weight=cw, conv_bias=cb))
+        results.append(_row("vq_lookup+post_quant_conv", {"images": images, "grid": sh.grid, "codebook": sh.codebook,
+                                                          "channels": sh.z_channels}, ms, ref_ms,
+                            vq_lookup_bytes(images, sh.grid * sh.grid, sh.embed_dim, sh.z_channels, elem), bw))
 
-    return {"device": torch.cuda.get_device_name(), "dtype": str(dtype).replace("torch.", ""),
+    method = ("triton.testing.do_bench median (CUDA events, warmup 25 ms, rep 200 ms, L2 flushed per repeat); "
+              "bandwidth = 2 x 1 GiB device copy / median time")
+    if dry_run:
+        method = "DRY RUN on the CPU (Triton interpreter, toy shapes, host clock): checks the plumbing, not a figure"
+    return {"device": torch.cuda.get_device_name() if not dry_run else "CPU (dry run)",
+            "dtype": str(dtype).replace("torch.", ""), "dry_run": dry_run,
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "date": datetime.date.today().isoformat(), "copy_bandwidth_gbs": bw,
-            "method": "triton.testing.do_bench median (CUDA events, warmup 25 ms, rep 200 ms, L2 flushed per "
-                      "repeat); bandwidth = 2 x 1 GiB device copy / median time",
+            "date": datetime.date.today().isoformat(), "copy_bandwidth_gbs": bw, "method": method,
             "results": results}
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['device']}  {report['dtype']}  torch {report['torch']}  triton {report['triton']}  "
+    lines = ["*** DRY RUN: interpreter on the CPU, toy shapes; NOT kernel figures ***"] if report.get("dry_run") else []
+    lines += [f"{report['device']}  {report['dtype']}  torch {report['torch']}  triton {report['triton']}  "
              f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s",
              f"{'kernel':28s} {'shape':52s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
     for r in report["results"]:
@@ -136,12 +176,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastjanus.bench.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run on the CPU through Triton's interpreter at toy shapes (checks the plumbing only)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"  # before Triton's first import: jit decides at decoration time
+        from ..kernels import triton_status
+        if not triton_status()[1]:
+            print("fastjanus bench: error: --dry-run needs Triton's interpreter; set TRITON_INTERPRET=1 before "
+                  "Python starts", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
         print("fastjanus bench: error: kernel microbenchmarks need a CUDA device (none visible); "
               "CPU timings of the Triton interpreter would mean nothing", file=sys.stderr)
         return 2
-    report = run({"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    report = run({"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype], dry_run=args.dry_run)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,24 @@ def find_weights(model_dir: str | Path) -> WeightFiles:
 
 
 # ------------------------------------------------------------------------------------------ readers
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """Terminal colour codes out (torch embeds them in some messages; they garble logs and files)."""
+    return _ANSI.sub("", text)
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """The line of torch's weights_only refusal that names the offending global; not its advice, which is to
+    load the file unsafely."""
+    lines = [ln.strip() for ln in strip_ansi(str(e)).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln.split(" Please use", 1)[0]
+    return lines[0] if lines else type(e).__name__
+
+
 def _bin_load(path: Path) -> dict:
     try:
         try:
@@ -73,10 +92,10 @@ def _bin_load(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: refusing to load: the file contains pickled objects other than tensors, and unpickling them "
             f"could run arbitrary code. Re-save it as a plain state dict of tensors, or convert it to "
-            f".safetensors. ({str(e).splitlines()[0]})") from None
+            f".safetensors. ({_unpickle_reason(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt PyTorch file ({str(e).splitlines()[0]}); "
-                              "download it again") from None
+        why = strip_ansi(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch file ({why}); download it again") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

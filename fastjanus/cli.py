@@ -1,19 +1,31 @@
-"""`fastjanus` command line: generate, understand, info, init-random."""
+"""`fastjanus` command line: generate, understand, info, init-random, bench.
+
+Every flag is checked before a model is loaded, and `--out` before anything is generated, so a typo costs
+a second, not a model load. Errors print one line, `fastjanus: error: ...`, in terms of flags, and exit 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import secrets
 import sys
 import time
 from pathlib import Path
 
-from .errors import FastJanusError
+from .errors import FastJanusError, InputError, cli_style
+
+MODEL_HELP = ("checkpoint folder in the official hub layout (config.json, weights, tokenizer files). Without it, "
+              "a tiny RANDOM checkpoint is written once to the cache ($FASTJANUS_CACHE, else ~/.cache/fastjanus) "
+              "and used: its outputs are noise, for trying the tool out")
 
 
 def default_tiny_model() -> Path:
-    """A tiny random checkpoint, written once into the cache directory."""
+    """A tiny random checkpoint, written once into the cache directory (the same folder `bench --arch tiny`
+    uses)."""
     from .random_init import cached_random_model
-    return cached_random_model("tiny", folder="tiny-random")
+    return cached_random_model("tiny")
 
 
 def _model_arg(args) -> Path:
@@ -26,60 +38,143 @@ def _model_arg(args) -> Path:
     return d
 
 
+_GRAPHS = {"auto": "auto", "on": True, "off": False}
+
+
+def _check_runtime_flags(args) -> None:
+    """--device, --dtype, --backend, --cuda-graphs, --max-rows, --max-len: before any model is read."""
+    from .engine.pipeline import resolve_backend, resolve_cuda_graphs, resolve_device_dtype
+    dev, _ = resolve_device_dtype(args.device, args.dtype)
+    backend = resolve_backend(args.backend, dev)
+    resolve_cuda_graphs(_GRAPHS[args.cuda_graphs], dev, backend)
+    for name in ("max_rows", "max_len"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if getattr(args, "max_rows", None) is not None and args.max_rows % 2:
+        raise InputError(f"--max-rows must be even (two rows per image: conditional + unconditional), got "
+                         f"{args.max_rows}")
+    if backend != "triton" and (getattr(args, "max_rows", None) or getattr(args, "max_len", None)):
+        raise InputError("--max-rows/--max-len size the static decode state of the triton backend; drop them or "
+                         "use --backend triton")
+
+
 def _load(args):
     from .engine.pipeline import load
     t0 = time.perf_counter()
     pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
-                cuda_graphs={"auto": "auto", "on": True, "off": False}[args.cuda_graphs])
+                cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len)
     print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
           f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
 
+def _seed(args, matters: bool) -> int:
+    """The seed of this run: --seed, or a new one that is printed so that a good result can be repeated."""
+    if args.seed is not None:
+        return args.seed
+    seed = secrets.randbelow(2 ** 31)
+    if matters:
+        print(f"seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+    return seed
+
+
+def prepare_out_dir(out: str) -> Path:
+    """--out: a folder that exists or can be made, and is writable; checked before anything is generated."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; pass a folder for the PNG files (it is created "
+                         "when missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: the folder is not writable")
+    return p
+
+
+def save_images(images, out: Path, seed: int) -> list[Path]:
+    """janus-<date>-<time>-s<seed>-<i>.png. Each file is created exclusively (O_EXCL): two runs in the same
+    second, even with the same seed, never overwrite each other; a taken name gets a -2, -3, ... suffix."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for i, img in enumerate(images):
+        base, n = f"janus-{stamp}-s{seed}-{i:02d}", 1
+        while True:
+            path = out / (base + (f"-{n}" if n > 1 else "") + ".png")
+            try:
+                f = open(path, "xb")
+            except FileExistsError:
+                n += 1
+                continue
+            with f:
+                img.save(f, format="PNG")
+            break
+        paths.append(path)
+    return paths
+
+
 def cmd_generate(args) -> int:
+    from .engine.pipeline import check_count, check_sampling, check_seed
+    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    check_count("num_images", args.num_images)
+    check_seed(args.seed)
+    _check_runtime_flags(args)
+    out = prepare_out_dir(args.out)
+    seed = _seed(args, matters=args.temperature > 0)
     pipe = _load(args)
     t0 = time.perf_counter()
     codes = pipe.generate_image_tokens(args.prompt, num_images=args.num_images, cfg_weight=args.cfg,
-                                       temperature=args.temperature, seed=args.seed, top_k=args.top_k,
+                                       temperature=args.temperature, seed=seed, top_k=args.top_k,
                                        top_p=args.top_p, progress=True)
     t1 = time.perf_counter()
+    tm = dict(pipe.last_timings)
     images = pipe.decode_image_tokens(codes)
     t2 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i, img in enumerate(images):
-        path = out / f"janus-{stamp}-{i:02d}.png"
-        img.save(path)
+    for path in save_images(images, out, seed):
         print(path)
-    tm = pipe.last_timings
     print(f"{len(images)} image(s): tokens {t1 - t0:.2f} s (prefill {tm['prefill_s']:.3f} s, "
           f"{tm['steps']} steps {tm['decode_s']:.2f} s), VQ decode {t2 - t1:.2f} s, total {t2 - t0:.2f} s "
-          f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}]", file=sys.stderr)
+          f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}, seed {seed}]", file=sys.stderr)
     return 0
 
 
 def cmd_understand(args) -> int:
+    from .engine.pipeline import check_count, check_sampling, check_seed
+    from .image import load_image
+    check_count("max_new_tokens", args.max_new_tokens)
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
+    _check_runtime_flags(args)
+    image = load_image(args.image)
+    seed = _seed(args, matters=args.temperature > 0)
     pipe = _load(args)
-    text = pipe.answer(args.image, args.question, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, seed=args.seed, top_p=args.top_p)
-    print(text)
+
+    def show(piece: str) -> None:  # the answer as it is decoded
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    pipe.answer(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       seed=seed, top_k=args.top_k, top_p=args.top_p, stream=show)
+    print()
     tm = pipe.last_timings
-    print(f"{tm['new_tokens']} tokens in {tm['total_s']:.2f} s (first token after {tm['time_to_first_token_s']:.3f} s)",
-          file=sys.stderr)
+    print(f"{tm['new_tokens']} tokens in {tm['total_s']:.2f} s (first token after {tm['time_to_first_token_s']:.3f} s)"
+          + (f", seed {seed}" if args.temperature > 0 else ""), file=sys.stderr)
     return 0
 
 
 def model_info(model_dir) -> dict:
     """Architecture, parameter count, special ids and (if present) the weight files, without loading weights."""
     import torch
+
     from .checkpoint import find_weights, read_shapes
     from .config import JanusConfig
+    from .engine.pipeline import check_model_dir
     from .errors import CheckpointNotFoundError
     from .models.janus import JanusModel
     from .tokenizer import JanusTokenizer
-    d = Path(model_dir)
+    d = check_model_dir(model_dir)
     cfg = JanusConfig.from_file(d)
     L = cfg.language
     with torch.device("meta"):
@@ -158,96 +253,155 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none or the help text already explains it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in h or "%(default)" in h:
+            return h
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .kernels import triton_status
+    ok, _, triton = triton_status()
+    return (f"fastjanus {__version__} (torch {torch.__version__}, triton {triton if ok else 'not importable'}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .random_init import FORMATS
-    p = argparse.ArgumentParser(prog="fastjanus", description="Fast inference for Janus / Janus-Pro.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="fastjanus", formatter_class=_Help,
+                                description="Fast inference for DeepSeek Janus-1.3B, Janus-Pro-1B and Janus-Pro-7B: "
+                                            "text-to-image and image understanding.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     def common(sp, model_required: bool):
-        sp.add_argument("--model", required=model_required, help="checkpoint folder (official hub layout)")
-        sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-        sp.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)")
-        sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--model", required=model_required, metavar="DIR",
+                        help="checkpoint folder (official hub layout)" if model_required else MODEL_HELP)
+        sp.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
+        sp.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="weights and activations (default: bf16 on CUDA, fp16 where bf16 is missing, fp32 on "
+                             "the CPU)")
+        sp.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: a new one, printed so that the run can be repeated)")
         sp.add_argument("--backend", choices=["triton", "torch"], default=None,
-                        help="kernels: triton (default on CUDA) or torch (default on CPU; triton there needs "
+                        help="kernels: triton (default on CUDA) or torch (default on the CPU; triton there needs "
                              "TRITON_INTERPRET=1)")
         sp.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                         help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
+        sp.add_argument("--max-rows", type=int, default=None,
+                        help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
+        sp.add_argument("--max-len", type=int, default=None,
+                        help="memory plan: KV slots per row (default: 576 image tokens + 512 for the prompt)")
 
-    g = sub.add_parser("generate", help="text → images (PNG files)")
+    g = sub.add_parser("generate", help="text → images (PNG files)", formatter_class=_Help,
+                       description="Generate images from a prompt and write them as PNG files.")
     common(g, False)
     g.add_argument("--prompt", required=True, action="append",
-                   help="repeat for several prompts: they run as one batch")
+                   help="the picture to make; repeat for several prompts, which run as one batch")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
+    g.add_argument("--out", default="out", help="output folder, created when missing")
     g.set_defaults(fn=cmd_generate)
 
-    u = sub.add_parser("understand", help="answer a question about an image")
+    u = sub.add_parser("understand", help="answer a question about an image", formatter_class=_Help,
+                       description="Answer a question about an image; the answer is printed as it is decoded.")
     common(u, False)
-    u.add_argument("--image", required=True)
+    u.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     u.add_argument("--question", required=True)
-    u.add_argument("--max-new-tokens", type=int, default=256)
+    u.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     u.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    u.add_argument("--top-p", type=float, default=None)
+    u.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    u.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
     u.set_defaults(fn=cmd_understand)
 
-    i = sub.add_parser("info", help="describe a checkpoint from its config and tokenizer files")
-    i.add_argument("--model", required=True)
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="describe a checkpoint from its config and tokenizer files",
+                       formatter_class=_Help)
+    i.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=cmd_info)
 
-    b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines")
+    b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines",
+                       formatter_class=_Help)
     src = b.add_mutually_exclusive_group()
     src.add_argument("--arch", choices=["tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b"], default="tiny",
-                     help="random weights of a preset, written once into the cache (default: tiny)")
-    src.add_argument("--model", default=None, help="a checkpoint folder instead of --arch")
-    b.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    b.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16/fp16 on CUDA, fp32 on CPU)")
-    b.add_argument("--backend", choices=["triton", "torch"], default=None)
+                     help="random weights of a preset, written once into the cache")
+    src.add_argument("--model", default=None, metavar="DIR", help="a checkpoint folder instead of --arch")
+    b.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
+    b.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on CUDA (fp16 where bf16 is missing), fp32 on the CPU")
+    b.add_argument("--backend", choices=["triton", "torch"], default=None,
+                   help="default: triton on CUDA, torch on the CPU")
     b.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
     b.add_argument("--scenario", action="append",
                    choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
                    help="repeat to pick several (default: all)")
     b.add_argument("--baselines", default="torch-eager,transformers",
-                   help="comma-separated: torch-eager, transformers, or none (default: both)")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--baseline-repeats", type=int, default=None, help="default: --repeats")
+                   help="comma-separated: torch-eager, transformers, or none")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per scenario")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs per scenario")
+    b.add_argument("--baseline-repeats", type=int, default=None, help="default: min(--repeats, 2)")
     b.add_argument("--max-batch", type=int, default=None,
-                   help="images for the throughput scenario (default: the largest power of two that fits; 8 on CPU)")
+                   help="images for the throughput scenario (default: the memory plan's largest bucket on CUDA, "
+                        "8 on the CPU)")
     b.add_argument("--text-tokens", type=int, default=64, help="tokens per understanding run (EOS ignored)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--json", default=None, help="write the full report (conditions and every number) here")
-    b.add_argument("--plot", default=None, help="write a PNG: latency breakdown and roofline fraction")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random prompts, images and sampling")
+    b.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop starting new runs after S seconds and report what was skipped (default: no limit)")
+    b.add_argument("--json", default=None, metavar="FILE", help="write the full report (conditions, every number)")
+    b.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG: latency breakdown, roofline")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(fn=cmd_bench)
 
-    r = sub.add_parser("init-random", help="write a random checkpoint in the official layout")
+    r = sub.add_parser("init-random", help="write a random checkpoint in the official layout", formatter_class=_Help)
     r.add_argument("--arch", required=True, choices=sorted(PRESETS))
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--format", choices=FORMATS, default=None, help="default: the hub's format for that model")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(fn=cmd_init_random)
     return p
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, FastJanusError) and e.strerror:
+        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+    else:
+        msg = str(e)
+    return " ".join(_ANSI.sub("", msg).split())
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `fastjanus`
+        parser.print_help()
+        return 0
     if getattr(args, "prompt", None) is not None and len(args.prompt) == 1:
         args.prompt = args.prompt[0]
     try:
-        return args.fn(args)
-    except (FastJanusError, OSError) as e:  # OSError: unwritable --out and the like
-        msg = " ".join(str(e).split())
-        print(f"fastjanus: error: {msg}", file=sys.stderr)
+        with cli_style():
+            return args.fn(args)
+    except (FastJanusError, OSError) as e:  # OSError: unwritable files and the like
+        print(f"fastjanus: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("fastjanus: interrupted", file=sys.stderr)
         return 130
 
 

@@ -354,7 +354,9 @@ class JanusConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read as JSON ({e})") from None
+            raise ConfigError(f"{path}: cannot be read as JSON ({e}). The file is damaged or is not the model's "
+                              "config.json: download config.json again from the model's page (the other files of "
+                              "the checkpoint can stay)") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

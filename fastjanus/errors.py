@@ -1,4 +1,13 @@
-"""Exceptions raised for bad input. Each message names the file, key, shape or value and says what to do."""
+"""Exceptions raised for bad input. Each message names the file, key, shape or value and says what to do.
+
+Messages name the values a caller passed. The same check serves the Python API (`temperature=-1`) and the
+command line (`--temperature -1`): messages are built with `arg(name)` and `setting(name, value)`, which
+render as keyword arguments by default and as flags inside `cli_style()` (what `fastjanus` runs under).
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
 
 
 class FastJanusError(Exception):
@@ -19,3 +28,46 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class InputError(FastJanusError, ValueError):
     """A call argument (prompt, image, sampling option) is out of range."""
+
+
+# ------------------------------------------------------------------------- naming what the user passed
+_CLI = contextvars.ContextVar("fastjanus_cli_style", default=False)
+
+# API keyword → command-line flag where the two are not simply `--` + dashes.
+FLAGS = {"cfg_weight": "--cfg", "prompt": "--prompt", "image": "--image", "question": "--question",
+         "model": "--model", "path": "--model"}
+_CLI_VALUES = {"cuda_graphs": {True: "on", False: "off", "auto": "auto"}}
+
+
+def arg(name: str) -> str:
+    """`name` as the caller wrote it: the keyword argument, or under cli_style() the flag."""
+    if not _CLI.get():
+        return name
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def setting(name: str, value) -> str:
+    """A value of `name` as the caller would write it: `device='cpu'`, or `--device cpu` on the command line."""
+    if not _CLI.get():
+        return f"{name}={value!r}"
+    value = _CLI_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
+    return f"{arg(name)} {value}"
+
+
+def path_of(name: str, path) -> str:
+    """A path the caller passed as `name`: the path itself, or under cli_style() `--flag path`."""
+    return f"{arg(name)} {path}" if _CLI.get() else str(path)
+
+
+def cli_active() -> bool:
+    return _CLI.get()
+
+
+@contextmanager
+def cli_style():
+    """Render messages raised inside this block in command-line terms."""
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)

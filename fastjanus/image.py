@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, arg, path_of
 from .tokenizer import ProcessorConfig
 
 
@@ -24,14 +24,14 @@ def load_image(image) -> Image.Image:
     if isinstance(image, (str, Path)):
         p = Path(image)
         if not p.is_file():
-            raise InputError(f"{p}: no such image file")
+            raise InputError(f"{path_of('image', p)}: no such image file")
         try:
             img = Image.open(p)
             img.load()
             return img
         except errors as e:
-            raise InputError(f"{p}: cannot be read as an image ({e})") from None
-    raise InputError(f"image must be a PIL.Image or a file path, got {type(image).__name__}")
+            raise InputError(f"{path_of('image', p)}: cannot be read as an image ({e})") from None
+    raise InputError(f"{arg('image')} must be a PIL.Image or a file path, got {type(image).__name__}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -213,12 +213,25 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def cached_random_model(arch: str, folder: str | None = None, progress: bool = False) -> Path:
-    """The random checkpoint of a preset, written once into the cache (`folder`, default random-<arch>).
-    It is written to a temporary folder and marked complete, so an interrupted write is never reused."""
-    d = cache_dir() / (folder or f"random-{arch}")
+def cached_random_model(arch: str, progress: bool = False, fmt: str | None = None) -> Path:
+    """The random checkpoint of a preset, written once into the cache as random-<arch> (the CLI's default model
+    and the benchmark's --arch share it). It is written to a temporary folder and marked complete, so an
+    interrupted write is never reused; when another process finished the same write first, its copy is kept."""
+    d = cache_dir() / f"random-{arch}"
     if (d / "config.json").is_file() and (d / ".complete").is_file():
         return d
+    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    init_random(arch, tmp, fmt=fmt, seed=0, progress=progress)
+    (tmp / ".complete").write_text("ok\n")
+    if (d / ".complete").is_file():  # another process won the race: use its copy, which may be in use
+        shutil.rmtree(tmp)
+        return d
+    if d.exists():  # an incomplete leftover
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

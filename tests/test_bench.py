@@ -150,7 +150,7 @@ def test_cli_writes_table_json_and_plot(tiny_dir, tmp_path, capsys):
 def test_cli_rejects_bad_output_path(tiny_dir, tmp_path, capsys):
     from fastjanus.cli import main
     rc = main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--json", str(tmp_path), "--quiet"])
-    assert rc == 2 and "cannot write" in capsys.readouterr().err
+    assert rc == 2 and "--json" in (err := capsys.readouterr().err) and "is a folder" in err
 
 
 def test_random_model_cache(tmp_path, monkeypatch):
@@ -173,7 +173,8 @@ def test_scenarios_listed_in_cli():
 
 def test_torch_eager_baseline_with_triton_backend(tiny_dir):
     # The Triton kernels run in the interpreter here (slow), so only a short understanding run.
-    cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", backend="triton", scenarios=("understand",),
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = BenchConfig(arch=None, model=str(tiny_dir), device=dev, backend="triton", scenarios=("understand",),
                       baselines=("torch-eager",), repeats=1, warmup=0, text_tokens=3, progress=False)
     rep = run_bench(cfg, log=lambda s: None)
     assert rep["backend"] == "triton"

@@ -155,7 +155,7 @@ def test_bad_device_and_dtype():
     from fastjanus.engine.pipeline import resolve_device_dtype
     with pytest.raises(InputError, match="not a valid torch device"):
         resolve_device_dtype("gpu0")
-    with pytest.raises(InputError, match="dtype 'int8' is not supported"):
+    with pytest.raises(InputError, match="dtype='int8' is not supported"):
         resolve_device_dtype("cpu", "int8")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):

@@ -79,8 +79,9 @@ def test_replay_writes_every_output(tiny_gpu):
     on, _ = tiny_gpu
     on.generate_image_tokens(["a", "b"], num_images=1, seed=1)  # captures the 4-row bucket
     d = next(d for k, d in on.runtime.decoders.items() if k[0] == 4 and k[2])
-    d.sampler.codes.fill_(-7)
-    d.sampler.rows.fill_(-7)
+    with torch.inference_mode():  # the decode state is made under inference mode: only writable inside it
+        d.sampler.codes.fill_(-7)
+        d.sampler.rows.fill_(-7)
     codes = on.generate_image_tokens(["c", "d"], num_images=1, seed=2)
     assert (d.sampler.codes >= 0).all() and (d.sampler.rows >= 0).all()
     assert codes.min() >= 0 and codes.max() < on.cfg.vq.codebook_size
@@ -122,3 +123,38 @@ def test_pro1b_graphs_vs_eager_and_speed(pro1b_gpu):
         t_off = time.perf_counter() - t0
         print(f"\n[gpu] {torch.cuda.get_device_name()} bf16 janus-pro-1b {n} image(s) codes: graphs {t_on:.2f} s, "
               f"eager {t_off:.2f} s")
+
+
+def test_warmup_at_load_keeps_capture_out_of_the_first_request(tmp_path):
+    d = init_random("tiny", tmp_path / "t", seed=0)
+    p = fastjanus.load(d, device="cuda", dtype=torch.bfloat16, backend="triton", max_rows=8, warmup=True)
+    assert p.load_timings["warmup_s"] > 0
+    graphs = {k: dec.graph for k, dec in p.runtime.decoders.items()}
+    assert sorted(k[0] for k in graphs if k[2]) == [2, 4, 8] and all(g is not None for g in graphs.values())
+    p.generate_image_tokens("a fox", num_images=3, seed=0)
+    p.answer_ids(Image.new("RGB", (8, 8)), "what?", max_new_tokens=5)
+    # no new bucket and no new capture: the requests replayed what load() captured
+    assert {k: dec.graph for k, dec in p.runtime.decoders.items()} == graphs
+
+
+def test_close_and_drop_release_device_memory(tmp_path):
+    import gc
+    d = init_random("tiny", tmp_path / "t", seed=0)
+    torch.cuda.synchronize()
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    for how in ("close", "del"):
+        gc.disable()  # reference counting alone must free it
+        try:
+            p = fastjanus.load(d, device="cuda", dtype=torch.bfloat16, backend="triton", max_rows=8, warmup=True)
+            p.generate_image_tokens("a fox", num_images=2, seed=0)
+            held = torch.cuda.memory_allocated() - base
+            assert held >= p.memory_plan.pool_bytes
+            if how == "close":
+                p.close()
+            else:
+                del p
+            torch.cuda.synchronize()
+            assert torch.cuda.memory_allocated() - base < 1 << 20, (how, held)
+        finally:
+            gc.enable()

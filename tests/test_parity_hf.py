@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastjanus.bench.hf_port import generate_image_codes
 from fastjanus.image import preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -55,17 +56,20 @@ def test_guided_logits_first_step(tiny_pipe, hf_model, w):
                                                                                         prompt, w))
 
 
-@pytest.mark.parametrize("prompt", ["a red fox sitting in the snow", "astronaut"])
-def test_greedy_codes_whole_grid(tiny_pipe, hf_model, prompt):
+def _greedy_image_inputs(tk, prompt):
+    """transformers' input ids and settings for greedy CFG-5 image generation of the tiny model's 64 codes."""
     from transformers import GenerationConfig
-    tk = tiny_pipe.tokenizer
-    ids = torch.tensor([tk.generation_prompt(prompt)])
     gc = GenerationConfig(bos_token_id=tk.bos_id, pad_token_id=tk.pad_id, eos_token_id=tk.eos_id,
                           guidance_scale=5.0, do_sample=False, max_new_tokens=64,
                           generation_kwargs={"boi_token_id": tk.boi_id})
+    return torch.tensor([tk.generation_prompt(prompt)]), gc
+
+
+@pytest.mark.parametrize("prompt", ["a red fox sitting in the snow", "astronaut"])
+def test_greedy_codes_whole_grid(tiny_pipe, hf_model, prompt):
+    ids, gc = _greedy_image_inputs(tiny_pipe.tokenizer, prompt)
     with torch.no_grad():
-        ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc,
-                                generation_mode="image")
+        ref = generate_image_codes(hf_model, ids, gc, 64)
     ours = tiny_pipe.generate_image_tokens(prompt, temperature=0, cfg_weight=5.0)
     assert ours.shape == ref.shape == (1, 64)
     assert torch.equal(ours, ref.cpu().long())
@@ -98,3 +102,20 @@ def test_greedy_answers(tiny_pipe, hf_model, seed, question):
         ref = ref[:ref.index(eos)]
     assert tiny_pipe.answer_ids(img, question, max_new_tokens=24) == ref
     assert tiny_pipe.answer(img, question, max_new_tokens=24) == tiny_pipe.tokenizer.decode(ref)
+
+
+def test_image_generation_does_not_need_transformers_own_cache(tiny_pipe, hf_model, monkeypatch):
+    """transformers 5.17 (the lent GPU machines' version) cannot build the static cache of its Janus image
+    generation (`_prepare_static_cache() missing ... 'prefill_chunk_size'`, fixed in 5.18). The baseline and
+    these tests pass their own: break transformers' own construction as 5.17 has it, and generation still
+    works and matches."""
+    def as_in_5_17(*args, **kwargs):
+        raise TypeError("_prepare_static_cache() missing 1 required positional argument: 'prefill_chunk_size'")
+    monkeypatch.setattr(type(hf_model), "_prepare_static_cache", as_in_5_17)
+    prompt = "a lighthouse at dusk"
+    ids, gc = _greedy_image_inputs(tiny_pipe.tokenizer, prompt)
+    with torch.no_grad():
+        codes = generate_image_codes(hf_model, ids, gc, 64)
+        with pytest.raises(TypeError, match="prefill_chunk_size"):  # what the port does without our cache
+            hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, generation_mode="image")
+    assert torch.equal(codes.cpu().long(), tiny_pipe.generate_image_tokens(prompt, temperature=0, cfg_weight=5.0))

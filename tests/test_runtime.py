@@ -2,15 +2,18 @@
 KV pool and buckets, up-front refusals. (Graph capture itself needs CUDA: tests/test_gpu_graphs.py.)"""
 import pytest
 import torch
+from PIL import Image
 
 import fastjanus
 from fastjanus.config import preset
+from fastjanus.engine import graphs
 from fastjanus.engine import memory as mem
 from fastjanus.engine.memory import GiB, MemoryPlan, plan_memory
 from fastjanus.engine.pipeline import resolve_cuda_graphs
 from fastjanus.errors import InputError
 
 KiB = 1024
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: the interpreter on the CPU
 
 
 def test_plan_from_explicit_sizes():
@@ -125,16 +128,37 @@ def test_cuda_graphs_option_is_validated(tiny_dir):
 def small_plan_pipe(tiny_dir):
     pytest.importorskip("triton")
     # 4 rows x 80 slots: one or two images of the tiny model (64 codes) with prompts up to 16 tokens
-    return fastjanus.load(tiny_dir, device="cpu", dtype=torch.float32, backend="triton", max_rows=4, max_len=80)
+    return fastjanus.load(tiny_dir, device=DEV, dtype=torch.float32, backend="triton", max_rows=4, max_len=80)
 
 
-def test_warmup_builds_every_bucket_largest_first(tiny_dir):
+def test_warmup_builds_every_bucket_largest_first(tiny_dir, monkeypatch):
     pytest.importorskip("triton")
-    pipe = fastjanus.load(tiny_dir, device="cpu", dtype=torch.float32, backend="triton", max_rows=8, max_len=80)
+    pipe = fastjanus.load(tiny_dir, device=DEV, dtype=torch.float32, backend="triton", max_rows=8, max_len=80)
     assert pipe.warmup() == [8, 4, 2]
-    assert sorted(k[0] for k in pipe.runtime.decoders) == [2, 4, 8]
-    assert all(d.graph is None for d in pipe.runtime.decoders.values())  # no graphs on the CPU
+    image_keys = sorted(k[0] for k in pipe.runtime.decoders if k[2])
+    text_keys = [k for k in pipe.runtime.decoders if not k[2]]
+    assert image_keys == [2, 4, 8] and len(text_keys) == 1 and text_keys[0][0] == 1  # + the one-row text state
+    assert all((d.graph is not None) == pipe.cuda_graphs for d in pipe.runtime.decoders.values())
+    keys = set(pipe.runtime.decoders)
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, steps):  # the decode loop itself is not the point (and slow in the interpreter)
+        raise Stop
+    monkeypatch.setattr(graphs.StaticDecoder, "run", stop)
+    with pytest.raises(Stop):  # 3 images: the 8-row bucket, found ready
+        pipe.generate_image_tokens("a cat", num_images=3, temperature=0)
+    monkeypatch.undo()
+    pipe.answer_ids(Image.new("RGB", (8, 8)), "what?", max_new_tokens=3)
+    assert set(pipe.runtime.decoders) == keys  # the requests used the warmed-up state: nothing new was built
     assert fastjanus.load(tiny_dir, device="cpu", backend="torch").warmup() == []
+    # load(warmup=True) does the same at load and times it
+    p2 = fastjanus.load(tiny_dir, device=DEV, dtype=torch.float32, backend="triton", max_rows=8, max_len=80,
+                        warmup=True)
+    assert set(p2.runtime.decoders) == keys and p2.load_timings["warmup_s"] > 0
+    with pytest.raises(InputError, match="warmup must be True or False"):
+        fastjanus.load(tiny_dir, device="cpu", warmup="yes")
 
 
 def test_request_too_large_fails_before_any_work(small_plan_pipe):
@@ -148,7 +172,7 @@ def test_request_too_large_fails_before_any_work(small_plan_pipe):
     assert pipe.runtime.decoders == {}  # refused up front: no decode state was even built
 
 
-def test_buckets_share_one_pool_and_are_reused(small_plan_pipe, tiny_pipe):
+def test_buckets_share_one_pool_and_are_reused(small_plan_pipe, tiny_dir):
     pipe = small_plan_pipe
     pool = pipe.runtime.pool  # allocated at load
     ptr = pool.k.data_ptr()
@@ -164,5 +188,6 @@ def test_buckets_share_one_pool_and_are_reused(small_plan_pipe, tiny_pipe):
     assert sorted(k[0] for k in pipe.runtime.decoders) == [2, 4]
     assert torch.equal(b[0], a[0])  # the 4-row bucket, over the 2-row bucket's memory: same codes
     # and the same as the plain eager torch path
-    assert torch.equal(a, tiny_pipe.generate_image_tokens("a cat", num_images=1, temperature=0))
-    assert pipe.last_timings["cuda_graphs"] is False
+    eager = fastjanus.load(tiny_dir, device=DEV, dtype=torch.float32, backend="torch")
+    assert torch.equal(a, eager.generate_image_tokens("a cat", num_images=1, temperature=0))
+    assert pipe.last_timings["cuda_graphs"] is pipe.cuda_graphs

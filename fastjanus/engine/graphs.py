@@ -17,6 +17,7 @@ request runs at a time.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -25,6 +26,7 @@ from .memory import MemoryPlan
 from .sampling import KernelSampler
 
 TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
+TEXT_WARMUP_CAPACITY = 1024  # the one-row text state warmed up at load: what a ~600-token prompt + 256 new tokens use
 
 
 class KVPool:
@@ -52,17 +54,16 @@ class KVPool:
 class StaticDecoder:
     """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
 
-    def __init__(self, pipe, pool: KVPool, rows: int, capacity: int, paired: bool, top_k: int | None,
-                 history: int, use_graph: bool, graph_pool=None):
-        m = pipe.model
-        self.pipe, self.model, self.rows = pipe, m, rows
+    def __init__(self, model, device: torch.device, backend: str, pool: KVPool, rows: int, capacity: int,
+                 paired: bool, top_k: int | None, history: int, use_graph: bool, graph_pool=None):
+        self.model, self.device, self.backend, self.rows = model, device, backend, rows
         self.cache = pool.cache(rows, capacity)
         n = rows // 2 if paired else rows
-        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, pipe.device)
-        self.head = m.gen_head if paired else m.language_model.lm_head
-        self.embed = m.embed_image_codes if paired else m.embed_text
+        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, device)
+        self.head = model.gen_head if paired else model.language_model.lm_head
+        self.embed = model.embed_image_codes if paired else model.embed_text
         self.use_graph, self.graph_pool, self.graph = use_graph, graph_pool, None
-        self.backend = pipe.backend
+        self.compiled = False
 
     # the step: everything it touches is a buffer of this object (or the model's weights)
     def step(self) -> None:
@@ -70,14 +71,17 @@ class StaticDecoder:
         h = self.model.llm.decode(x, self.cache, self.backend)  # [R, D]; lengths += 1 on the device
         self.sampler(self.head(h))  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
 
-    def _capture(self) -> None:
-        """Eager warm-up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then capture.
-        The warm-up writes garbage into this bucket's cache and state; start() resets all of it."""
+    def _reset_for_warmup(self) -> None:
         self.cache.lengths.zero_()
         self.sampler.step.zero_()
         self.sampler.rows.zero_()  # torch.empty garbage would index the embedding out of bounds
         self.sampler.out.zero_()
-        with torch.cuda.device(self.pipe.device), torch.inference_mode():  # cuda:1 captures on cuda:1
+
+    def _capture(self) -> None:
+        """Eager warm-up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then capture.
+        The warm-up writes garbage into this bucket's cache and state; start() resets all of it."""
+        self._reset_for_warmup()
+        with torch.cuda.device(self.device), torch.inference_mode():  # cuda:1 captures on cuda:1
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -88,11 +92,23 @@ class StaticDecoder:
             with torch.cuda.graph(g, pool=self.graph_pool):
                 self.step()
         self.graph = g
+        self.compiled = True
 
     def ensure_graph(self) -> None:
         """Capture on first use (before the prefill: the warm-up steps overwrite the start of the cache)."""
         if self.use_graph and self.graph is None:
             self._capture()
+
+    def warm(self) -> None:
+        """Ready for a request: captured (graphs on), or on CUDA one eager step run so that the Triton kernels
+        are compiled for this bucket's shapes (graphs off). On the CPU (the interpreter) nothing is compiled."""
+        if self.use_graph:
+            self.ensure_graph()
+        elif not self.compiled and self.device.type == "cuda":
+            self._reset_for_warmup()
+            with torch.inference_mode():
+                self.step()
+            self.compiled = True
 
     def start(self, h: torch.Tensor, cfg_weight: float | None, temperature: float, seed: int) -> None:
         """After the prefill (which filled the first h.shape[0] rows of self.cache and their lengths): reset
@@ -117,33 +133,57 @@ class StaticDecoder:
 
 
 class DecodeRuntime:
-    """The pool, the decoders per bucket, and the loops that drive them (owned by a JanusPipeline)."""
+    """The pool, the decoders per bucket, and the loops that drive them (owned by a JanusPipeline).
+
+    It refers to its pipeline weakly (for the prefill): a strong reference would make a cycle, and a dropped
+    pipeline would hold its KV pool (13.7 GB for Pro-1B, 34 GB for Pro-7B) until the cycle collector ran."""
 
     def __init__(self, pipe, plan: MemoryPlan, use_graphs: bool):
-        self.pipe, self.plan, self.use_graphs = pipe, plan, use_graphs
+        self._pipe = weakref.ref(pipe)
+        self.model, self.device, self.backend = pipe.model, pipe.device, pipe.backend
+        self.plan, self.use_graphs = plan, use_graphs
         # Allocated now, at load, so that what the plan promised is held (nothing else can take it meanwhile).
         self.pool = KVPool(pipe.model, plan)
         self.decoders: dict[tuple, StaticDecoder] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    @property
+    def pipe(self):
+        p = self._pipe()
+        if p is None:
+            raise RuntimeError("the pipeline that owns this decode runtime is gone")
+        return p
+
+    def close(self) -> None:
+        """Drop the graphs first (they point into the pool), then the pool."""
+        for d in self.decoders.values():
+            d.graph = None
+        self.decoders.clear()
+        self.pool = None
+        self.graph_pool = None
 
     def _decoder(self, rows: int, capacity: int, paired: bool, top_k, history: int) -> StaticDecoder:
         # One decoder (and graph) per bucket and top_k value: top_k sets the sampler's launch configuration.
         key = (rows, capacity, paired, top_k)
         d = self.decoders.get(key)
         if d is None:
-            d = StaticDecoder(self.pipe, self.pool, rows, capacity, paired, top_k, history, self.use_graphs,
-                              self.graph_pool)
+            d = StaticDecoder(self.model, self.device, self.backend, self.pool, rows, capacity, paired, top_k, history,
+                              self.use_graphs, self.graph_pool)
             self.decoders[key] = d
         return d
 
     @torch.inference_mode()
     def warmup(self, top_k=None) -> list[int]:
-        """Capture every image bucket now, largest first (so smaller graphs reuse the largest one's pool)."""
+        """Make every image bucket ready now (captured with graphs on, kernels compiled with graphs off), largest
+        first so that smaller graphs reuse the largest one's pool; then the one-row text state of the usual
+        size. Returns the image buckets."""
         done = []
         for rows in sorted(self.plan.buckets, reverse=True):
             d = self._decoder(rows, self.plan.capacity(rows), True, top_k, self.plan.image_tokens)
-            d.ensure_graph()
+            d.warm()
             done.append(rows)
+        cap = min(TEXT_WARMUP_CAPACITY, self.plan.context, self.plan.pool_slots)
+        self._decoder(1, cap, False, top_k, cap).warm()  # text_tokens() asks for this key for most questions
         return done
 
     def image_codes(self, rows_tokens: list[list[int]], cfg_weight: float, temperature: float, seed: int,
@@ -187,7 +227,7 @@ class DecodeRuntime:
         return self.pool.cache(rows, capacity)
 
     def text_tokens(self, prompt_ids: list[int], image_embeds, max_new_tokens: int, temperature: float, seed: int,
-                    top_k, eos_id: int, ignore_eos: bool, on_first=None) -> list[int]:
+                    top_k, eos_id: int, ignore_eos: bool, on_first=None, callback=None) -> list[int]:
         pipe = self.pipe
         T = len(prompt_ids)
         cap = self.plan.text_capacity(T, max_new_tokens)
@@ -201,12 +241,23 @@ class DecodeRuntime:
             on_first()
         if first == eos_id and not ignore_eos:
             return []
+        if callback is not None:
+            callback([first])
         done = 1
         while done < max_new_tokens:
             k = min(TEXT_CHUNK, max_new_tokens - done)
             d.run(k)
             done += k
-            if not ignore_eos and bool((hist[done - k:done] == eos_id).any()):
+            if callback is not None:  # one copy per chunk, which also serves the EOS check
+                new = hist[done - k:done].tolist()
+                stop = not ignore_eos and eos_id in new
+                if stop:
+                    new = new[:new.index(eos_id)]
+                if new:
+                    callback(new)
+                if stop:
+                    break
+            elif not ignore_eos and bool((hist[done - k:done] == eos_id).any()):
                 break
         out = hist[:done].tolist()
         if not ignore_eos and eos_id in out:

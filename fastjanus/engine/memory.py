@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import JanusConfig, LlamaConfig
-from ..errors import InputError
+from ..errors import InputError, arg, setting
 
 
 def kv_bytes_per_token(cfg: LlamaConfig, elem: int) -> int:
@@ -120,8 +120,8 @@ class MemoryPlan:
             msg += ", which fits no image at this prompt length"
         if fit_prompt is not None and fit_prompt >= 16:  # shorter is no real prompt (the template alone is ~10)
             msg += f", or {rows // 2} image(s) with prompts up to {fit_prompt} tokens"
-        msg += (". Generate fewer images per call, shorten the prompt, or load with larger max_rows/max_len "
-                "(on a device with the memory for it).")
+        msg += (f". Generate fewer images per call, shorten the prompt, or load with a larger {arg('max_rows')}/"
+                f"{arg('max_len')} (on a device with the memory for it).")
         raise InputError(msg)
 
     def text_capacity(self, prompt_len: int, new_tokens: int) -> int:
@@ -132,12 +132,25 @@ class MemoryPlan:
                 raise InputError(f"the prompt alone is {prompt_len} tokens; the memory plan ({self.source}) holds "
                                  f"{cap} for one row. Shorten the question")
             raise InputError(f"a {prompt_len}-token prompt plus {new_tokens} new tokens needs {need} KV slots; the "
-                             f"memory plan ({self.source}) holds {cap} for one row: lower max_new_tokens to "
+                             f"memory plan ({self.source}) holds {cap} for one row: lower {arg('max_new_tokens')} to "
                              f"{cap - prompt_len}")
         size = 1024
         while size < need:
             size *= 2
         return min(size, cap)
+
+
+def check_plan_overrides(cfg: JanusConfig, max_rows, max_len) -> None:
+    """max_rows / max_len as given to load(): checked before any weight is read."""
+    context = cfg.language.max_position_embeddings
+    for name, v in (("max_rows", max_rows), ("max_len", max_len)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{arg(name)} must be a positive integer (or left out), got {v!r}")
+    if max_rows is not None and max_rows % 2:
+        raise InputError(f"{arg('max_rows')} must be even (two rows per image: conditional + unconditional), got "
+                         f"{max_rows}")
+    if max_len is not None and max_len > context:
+        raise InputError(f"{arg('max_len')} {max_len} exceeds the model's context of {context} positions")
 
 
 def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows: int | None = None,
@@ -147,13 +160,7 @@ def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows
     L = cfg.language
     context, n_img = L.max_position_embeddings, cfg.num_image_tokens
     kvpt = kv_bytes_per_token(L, elem)
-    for name, v in (("max_rows", max_rows), ("max_len", max_len)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise InputError(f"{name} must be a positive integer or None, got {v!r}")
-    if max_rows is not None and max_rows % 2:
-        raise InputError(f"max_rows must be even (two rows per image: conditional + unconditional), got {max_rows}")
-    if max_len is not None and max_len > context:
-        raise InputError(f"max_len {max_len} exceeds the model's context of {context} positions")
+    check_plan_overrides(cfg, max_rows, max_len)
     cap_len = max_len if max_len is not None else min(context, n_img + PROMPT_ROOM)
     rows_cap = max_rows if max_rows is not None else MAX_BUCKET_ROWS
     per_image_vq = vq_decode_bytes(cfg, 1, elem)
@@ -166,8 +173,9 @@ def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows
     avail = free_bytes - reserve - per_image_vq  # the VQ decode runs after the loop, one image at a time at least
     want = rows_cap * cap_len * kvpt
     if max_rows is not None and max_len is not None and want > avail:
-        raise InputError(f"max_rows={max_rows} x max_len={max_len} needs {_fmt(want)} of KV cache, but only "
-                         f"{_fmt(max(avail, 0))} of the {_fmt(free_bytes)} free after loading can hold it")
+        raise InputError(f"{setting('max_rows', max_rows)} x {setting('max_len', max_len)} needs {_fmt(want)} of KV "
+                         f"cache, but only {_fmt(max(avail, 0))} of the {_fmt(free_bytes)} free after loading can "
+                         "hold it")
     slots = min(rows_cap * cap_len, max(avail, 0) // kvpt)
     if slots < 2 * (n_img + 1):
         raise InputError(f"not enough device memory for one image: {_fmt(free_bytes)} free after loading the "

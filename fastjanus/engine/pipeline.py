@@ -1,7 +1,9 @@
 """The user-facing pipeline: load a checkpoint, generate images, answer questions about images (plain torch)."""
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -10,13 +12,13 @@ import torch
 
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
-from ..errors import ConfigError, InputError
+from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path_of, setting
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
 from ..tokenizer import JanusTokenizer
 from .graphs import DecodeRuntime
-from .memory import MemoryPlan, plan_memory, prefill_chunk_rows
+from .memory import MemoryPlan, check_plan_overrides, plan_memory, prefill_chunk_rows
 from .sampling import KernelSampler, TorchSampler, cfg_mix
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -30,13 +32,16 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r} is not a valid torch device ({e})") from None
+        raise InputError(f"{setting('device', device)} is not a valid torch device ({e}); use cuda, cuda:N or "
+                         "cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+        raise InputError(f"{setting('device', str(device))} was asked for but CUDA is not available here; use "
+                         f"{setting('device', 'cpu')}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        raise InputError(f"{setting('device', str(device))}: no such device; {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
     if device.type not in ("cpu", "cuda"):
-        raise InputError(f"device {str(device)!r} is not supported; use 'cuda' or 'cpu'")
+        raise InputError(f"{setting('device', str(device))} is not supported; use cuda or cpu")
     if dtype is None:
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -44,10 +49,10 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
             dtype = torch.float32
     elif isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise InputError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+            raise InputError(f"{setting('dtype', dtype)} is not supported; use one of {', '.join(sorted(_DTYPES))}")
         dtype = _DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise InputError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        raise InputError(f"{arg('dtype')} {dtype} is not supported; use float32, float16 or bfloat16")
     return device, dtype
 
 
@@ -57,7 +62,8 @@ BACKENDS = ("torch", "triton")
 def resolve_backend(backend, device: torch.device) -> str:
     """"triton" on CUDA when Triton imports, else "torch"; an explicit choice is checked and explained."""
     if backend is not None and backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS} or None (auto), got {backend!r}")
+        raise InputError(f"{arg('backend')} must be one of {', '.join(BACKENDS)} (or left out: automatic), got "
+                         f"{backend!r}")
     if backend == "torch":
         return backend
     ok, interp, info = triton_status()
@@ -69,11 +75,12 @@ def resolve_backend(backend, device: torch.device) -> str:
             return "torch"
         backend = "triton"
     if not ok:
-        raise InputError(f"backend='triton' needs Triton, which does not import here ({info}); "
-                         "install triton or use backend='torch'")
+        raise InputError(f"{setting('backend', 'triton')} needs Triton, which does not import here ({info}); "
+                         f"install triton or use {setting('backend', 'torch')}")
     if device.type == "cpu" and not interp:
-        raise InputError("backend='triton' on the CPU runs the kernels through Triton's interpreter: set "
-                         "TRITON_INTERPRET=1 in the environment before Python starts, or use backend='torch'")
+        raise InputError(f"{setting('backend', 'triton')} on the CPU runs the kernels through Triton's interpreter: "
+                         "set TRITON_INTERPRET=1 in the environment before Python starts, or use "
+                         f"{setting('backend', 'torch')}")
     if device.type == "cuda" and interp:
         warnings.warn("TRITON_INTERPRET=1 is set: the Triton kernels run in the interpreter on the host, very "
                       "slowly; unset it for real GPU speed", stacklevel=3)
@@ -88,18 +95,76 @@ def _positive_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
-def _check_sampling(temperature, top_k, top_p, cfg_weight=None):
+# Request checks, shared with the CLI so that it can refuse bad flags before it loads a model. Messages name
+# the argument with errors.arg(), which renders as the flag under the CLI.
+def check_sampling(temperature, top_k=None, top_p=None, cfg_weight=None) -> None:
     if not _number(temperature) or temperature < 0:
-        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise InputError(f"{arg('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if cfg_weight is not None and (not _number(cfg_weight) or cfg_weight < 0):
-        raise InputError(f"cfg_weight must be a finite number >= 0, got {cfg_weight!r}")
+        raise InputError(f"{arg('cfg_weight')} must be a finite number >= 0, got {cfg_weight!r}")
     if top_k is not None and not _positive_int(top_k):
-        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
     if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
-        raise InputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise InputError(f"{arg('top_p')} must be in (0, 1] (or left out), got {top_p!r}")
+
+
+def check_count(name: str, value) -> None:
+    """num_images, max_new_tokens, batch_size: an integer >= 1."""
+    if not _positive_int(value):
+        raise InputError(f"{arg(name)} must be an integer >= 1, got {value!r}")
+
+
+def check_seed(seed) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
+        raise InputError(f"{arg('seed')} must be an integer in [0, 2**63) (or left out), got {seed!r}")
+
+
+def new_seed() -> int:
+    """A seed drawn from torch's global RNG, so torch.manual_seed() also makes runs repeatable."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
+
+
+def _serialised(method):
+    """One request at a time per pipeline: the static decode state (KV pool, sampler buffers, graphs) and
+    last_timings are shared by every call, so concurrent calls from several threads queue here."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            if self._closed:
+                raise InputError("this pipeline was closed (pipe.close() or the end of its `with` block); "
+                                 "load the model again with fastjanus.load()")
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class _TextStream:
+    """Turns answer token ids, as they are decoded, into new pieces of text for a stream(piece) callback. The
+    whole answer is re-decoded each time (byte-level BPE: a piece can end inside a UTF-8 sequence, which
+    decodes to U+FFFD until its last byte arrives, so such a tail is held back)."""
+
+    def __init__(self, tokenizer, emit):
+        self.tokenizer, self.emit, self.ids, self.sent = tokenizer, emit, [], ""
+
+    def __call__(self, new_ids: list[int]) -> None:
+        self.ids += new_ids
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._send(text)
+
+    def _send(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            self.emit(piece)
+
+    def finish(self, text: str) -> None:
+        self._send(text)
 
 
 class JanusPipeline:
+    """A loaded model and its decode runtime. Thread-safe: requests on one pipeline run one at a time (a lock),
+    because they share the static decode state. `close()` (or a `with` block) frees the device memory now;
+    otherwise it is freed when the last reference to the pipeline goes."""
+
     def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, device: torch.device, dtype: torch.dtype,
                  weights: WeightFiles | None = None, path: Path | None = None, backend: str = "torch",
                  cuda_graphs: bool = False, memory_plan: MemoryPlan | None = None):
@@ -107,19 +172,45 @@ class JanusPipeline:
         self.cfg: JanusConfig = model.cfg
         self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
         self.backend, self.cuda_graphs, self.memory_plan = backend, cuda_graphs, memory_plan
-        self.last_timings: dict[str, float] = {}
+        self.last_timings: dict[str, float] = {}  # of the last finished request
+        self.load_timings: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._closed = False
         # The static runtime (engine/graphs.py) drives the triton backend's loops; the torch backend keeps the
-        # plain eager loops below (the reference).
+        # plain eager loops below (the reference). It refers back to this pipeline weakly, so dropping the
+        # pipeline frees the KV pool at once rather than whenever the cycle collector runs.
         self.runtime = DecodeRuntime(self, memory_plan, cuda_graphs) if backend == "triton" and memory_plan else None
+
+    # ------------------------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free the device memory now: the KV pool, the captured graphs and (this pipeline's reference to) the
+        weights. Later calls raise. Safe to call twice; `with fastjanus.load(...) as pipe:` calls it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.runtime is not None:
+                self.runtime.close()
+            self.runtime = None
+            self.model = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the freed blocks back to the device, not only to torch's cache
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "JanusPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
     def _seed(seed: int | None) -> int:
-        if seed is None:  # draws from torch's global RNG, so torch.manual_seed() also makes runs repeatable
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-            raise InputError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
-        return seed
+        check_seed(seed)
+        return new_seed() if seed is None else seed
 
     def _check_context(self, length: int, extra: int, what: str) -> None:
         limit = self.cfg.language.max_position_embeddings
@@ -131,12 +222,14 @@ class JanusPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @_serialised
     def warmup(self, top_k: int | None = None) -> list[int]:
         """Build the static decode state of every image bucket now (and, with CUDA Graphs, capture each one,
-        largest first, so the smaller graphs reuse the largest one's memory). Otherwise this happens on
-        each bucket's first request. Returns the bucket sizes in rows; [] without the static runtime."""
+        largest first, so the smaller graphs reuse the largest one's memory), plus the one-row text state of
+        the usual size. Otherwise this happens on each bucket's first request, inside its time.
+        `load(..., warmup=True)` calls this. Returns the image bucket sizes in rows; [] without the runtime."""
         if top_k is not None and not _positive_int(top_k):
-            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+            raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
         return self.runtime.warmup(top_k) if self.runtime is not None else []
 
     # -------------------------------------------------------------------------- text → image codes
@@ -147,14 +240,13 @@ class JanusPipeline:
         elif isinstance(prompt, (list, tuple)):
             prompts = list(prompt)
             if not prompts:
-                raise InputError("prompt list is empty; pass at least one prompt")
+                raise InputError(f"the {arg('prompt')} list is empty; pass at least one prompt")
         else:
-            raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+            raise InputError(f"{arg('prompt')} must be a string or a list of strings, got {type(prompt).__name__}")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise InputError(f"prompt[{i}] must be a string, got {type(p).__name__}")
-        if not _positive_int(num_images):
-            raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
+                raise InputError(f"{arg('prompt')}[{i}] must be a string, got {type(p).__name__}")
+        check_count("num_images", num_images)
         tk, n_tok = self.tokenizer, self.cfg.num_image_tokens
         rows: list[list[int]] = []
         for i, p in enumerate(prompts):
@@ -206,13 +298,15 @@ class JanusPipeline:
         cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs))  # noqa: E731
         return cat(last), cache, cat(every) if keep_all else None
 
+    @_serialised
     @torch.inference_mode()
     def first_step_logits(self, prompt, num_images: int = 1, cfg_weight: float = 5.0) -> torch.Tensor:
         """Guided logits of the first image token, [N, codebook] fp32 (for inspection and tests)."""
-        _check_sampling(1.0, None, None, cfg_weight)
+        check_sampling(1.0, None, None, cfg_weight)
         h, _, _ = self._image_prefill(prompt, num_images)
         return cfg_mix(self.model.gen_head(h), cfg_weight)
 
+    @_serialised
     @torch.inference_mode()
     def generate_image_tokens(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                               seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -222,7 +316,7 @@ class JanusPipeline:
         callback(row, codes): called after each completed row of the code grid (every 24 codes for the
         published models) with the codes so far [N, 24·(row+1)] on the CPU, for progressive previews. It
         costs one host copy per call; without it the loop never waits for the host."""
-        _check_sampling(temperature, top_k, top_p, cfg_weight)
+        check_sampling(temperature, top_k, top_p, cfg_weight)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
         seed = self._seed(seed)
@@ -235,7 +329,7 @@ class JanusPipeline:
             codes = codes.to("cpu", copy=True)  # never hand out the static buffer (on the CPU .cpu() would alias it)
             t2 = time.perf_counter()
             self.last_timings = {"prefill_s": marks["prefill_end"] - t0, "decode_s": t2 - marks["prefill_end"],
-                                 "steps": n_tok, "cuda_graphs": self.cuda_graphs}
+                                 "steps": n_tok, "cuda_graphs": self.cuda_graphs, "seed": seed}
             return codes
         h, cache, T = self._image_prefill(prompt, num_images)
         self._sync()
@@ -255,7 +349,8 @@ class JanusPipeline:
             h = m.llm.decode(x, cache, self.backend, bound=T + i + 1)
         out = sampler.codes.cpu()
         t2 = time.perf_counter()
-        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False}
+        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False,
+                             "seed": seed}
         return out
 
     def _sampler(self, n: int, steps: int, cfg_weight, temperature, seed: int, top_k, top_p, paired: bool):
@@ -283,24 +378,26 @@ class JanusPipeline:
             raise InputError(f"image codes must be in [0, {K}), got values in [{lo}, {hi}]")
         return codes.long()
 
+    @_serialised
     @torch.inference_mode()
     def decode_image_pixels(self, codes, batch_size: int | None = None) -> torch.Tensor:
         """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device).
         batch_size: images per VQ decoder call (default: what the memory plan leaves room for, at most 8)."""
         if batch_size is None:
             batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
-        if not _positive_int(batch_size):
-            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_count("batch_size", batch_size)
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
 
+    @_serialised
     def decode_image_tokens(self, codes, batch_size: int | None = None):
         t0 = time.perf_counter()
         images = to_pil(self.decode_image_pixels(codes, batch_size))
         self.last_timings["vq_decode_s"] = time.perf_counter() - t0
         return images
 
+    @_serialised
     def generate_images(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                         seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
                         progress: bool = False, callback=None):
@@ -309,6 +406,7 @@ class JanusPipeline:
                                            callback)
         return self.decode_image_tokens(codes)
 
+    @_serialised
     @torch.inference_mode()
     def encode_image_to_codes(self, image) -> torch.LongTensor:
         """An image → its VQ codes [576] (the VQ encoder; input resized/padded like the understanding path)."""
@@ -320,6 +418,7 @@ class JanusPipeline:
     def _pixels(self, image) -> torch.Tensor:
         return preprocess(image, self.tokenizer.processor)[None].to(self.device, self.dtype)
 
+    @_serialised
     @torch.inference_mode()
     def encode_image(self, image) -> torch.Tensor:
         """Aligned image embeddings [576, D] (what replaces the image placeholders in the LLM input)."""
@@ -327,10 +426,10 @@ class JanusPipeline:
 
     def _understanding_inputs(self, image, question: str, max_new_tokens: int):
         if not isinstance(question, str):
-            raise InputError(f"question must be a string, got {type(question).__name__}")
+            raise InputError(f"{arg('question')} must be a string, got {type(question).__name__}")
         tag = self.tokenizer.processor.image_tag
         if tag in question:
-            raise InputError(f"question must not contain the image tag {tag!r}; the image is inserted for you")
+            raise InputError(f"{arg('question')} must not contain the image tag {tag!r}; the image is inserted for you")
         n_img = self.cfg.vision.num_patches
         ids = self.tokenizer.understanding_prompt(question, n_img)
         T = len(ids)
@@ -338,6 +437,7 @@ class JanusPipeline:
         img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
         return ids, img
 
+    @_serialised
     @torch.inference_mode()
     def understanding_logits(self, image, question: str) -> torch.Tensor:
         """Text logits over the whole prompt [T, vocab] (fp32): the first answer token is the last row."""
@@ -345,14 +445,20 @@ class JanusPipeline:
         _, _, h = self._prefill([ids], len(ids) + 1, image_embeds=img, keep_all=True)
         return self.model.language_model.lm_head(h[0]).float()
 
+    @_serialised
     @torch.inference_mode()
     def answer_ids(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
                    seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                   ignore_eos: bool = False) -> list[int]:
-        """Answer token ids (EOS excluded). ignore_eos=True always decodes max_new_tokens (for benchmarks)."""
-        if not _positive_int(max_new_tokens):
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        _check_sampling(temperature, top_k, top_p)
+                   ignore_eos: bool = False, callback=None) -> list[int]:
+        """Answer token ids (EOS excluded). ignore_eos=True always decodes max_new_tokens (for benchmarks).
+
+        callback(new_ids): called with the answer's next token ids as they are decoded (EOS excluded; their
+        concatenation is the result): every token in the eager loop, every TEXT_CHUNK tokens with the static
+        runtime, which looks at the host only that often."""
+        check_count("max_new_tokens", max_new_tokens)
+        check_sampling(temperature, top_k, top_p)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
         seed = self._seed(seed)
         t0 = time.perf_counter()
         ids, img = self._understanding_inputs(image, question, max_new_tokens)
@@ -360,10 +466,12 @@ class JanusPipeline:
         if self.runtime is not None and top_p is None:
             marks: dict[str, float] = {}
             out = self.runtime.text_tokens(ids, img, max_new_tokens, temperature, seed, top_k, self.tokenizer.eos_id,
-                                           ignore_eos, on_first=lambda: marks.setdefault("first", time.perf_counter()))
+                                           ignore_eos, on_first=lambda: marks.setdefault("first", time.perf_counter()),
+                                           callback=callback)
             t_end = time.perf_counter()
             self.last_timings = {"time_to_first_token_s": marks["first"] - t0, "total_s": t_end - t0,
-                                 "new_tokens": len(out), "prompt_len": T, "cuda_graphs": self.cuda_graphs}
+                                 "new_tokens": len(out), "prompt_len": T, "cuda_graphs": self.cuda_graphs,
+                                 "seed": seed}
             return out
         cache = None
         if self.runtime is not None:  # top_p: the eager loop, inside the memory plan
@@ -380,18 +488,31 @@ class JanusPipeline:
             if t == self.tokenizer.eos_id and not ignore_eos:
                 break
             out.append(t)
+            if callback is not None:
+                callback([t])
             if i == max_new_tokens - 1:
                 break
             h = self.model.llm.decode(self.model.embed_text(tok), cache, self.backend, bound=T + i + 1)
         t_end = time.perf_counter()
         self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out),
-                             "prompt_len": T, "cuda_graphs": False}
+                             "prompt_len": T, "cuda_graphs": False, "seed": seed}
         return out
 
+    @_serialised
     def answer(self, image, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
-               seed: int | None = None, top_k: int | None = None, top_p: float | None = None) -> str:
-        """Answer a question about an image; stops at EOS. Greedy by default."""
-        return self.tokenizer.decode(self.answer_ids(image, question, max_new_tokens, temperature, seed, top_k, top_p))
+               seed: int | None = None, top_k: int | None = None, top_p: float | None = None, stream=None) -> str:
+        """Answer a question about an image; stops at EOS. Greedy by default.
+
+        stream(piece): called with each new piece of the answer's text as it is decoded; the pieces add up
+        to the returned string."""
+        if stream is not None and not callable(stream):
+            raise InputError(f"stream must be callable or None, got {type(stream).__name__}")
+        ts = _TextStream(self.tokenizer, stream) if stream is not None else None
+        text = self.tokenizer.decode(self.answer_ids(image, question, max_new_tokens, temperature, seed, top_k, top_p,
+                                                     callback=ts))
+        if ts is not None:
+            ts.finish(text)
+        return text
 
 
 def _vq_processor(proc, size):
@@ -402,15 +523,28 @@ def _vq_processor(proc, size):
 def resolve_cuda_graphs(cuda_graphs, device: torch.device, backend: str) -> bool:
     """"auto": on for CUDA with the triton backend. True is checked and explained."""
     if cuda_graphs not in (True, False, "auto"):
-        raise InputError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+        raise InputError(f"{arg('cuda_graphs')} must be True, False or 'auto', got {cuda_graphs!r}")
     if cuda_graphs == "auto":  # not with TRITON_INTERPRET=1: the interpreter copies to the host every launch
         return device.type == "cuda" and backend == "triton" and not triton_status()[1]
     if cuda_graphs and device.type != "cuda":
-        raise InputError(f"cuda_graphs=True needs a CUDA device, but the device is {device}; use cuda_graphs=False")
+        raise InputError(f"{setting('cuda_graphs', True)} needs a CUDA device, but the device is {device}; use "
+                         f"{setting('cuda_graphs', False)}")
     if cuda_graphs and backend != "triton":
-        raise InputError("cuda_graphs=True needs backend='triton': the torch backend's sampler reads host values "
-                         "every step and cannot be captured")
+        raise InputError(f"{setting('cuda_graphs', True)} needs {setting('backend', 'triton')}: the torch "
+                         "backend's sampler reads host values every step and cannot be captured")
     return bool(cuda_graphs)
+
+
+def check_model_dir(path) -> Path:
+    """The checkpoint folder must exist and be a folder (a file here is a common slip: config.json itself)."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointNotFoundError(f"{path_of('model', path)}: this is a file, not a directory; pass the "
+                                      "checkpoint folder (the one that holds config.json and the weights)")
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path_of('model', path)}: no such directory; pass the checkpoint "
+                                      "folder (the one that holds config.json and the weights)")
+    return path
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -426,15 +560,25 @@ def free_memory(device: torch.device) -> int | None:
 
 
 def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None,
-         cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None) -> JanusPipeline:
+         cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None,
+         warmup: bool = False) -> JanusPipeline:
     """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
 
     backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
     "triton" on the CPU needs TRITON_INTERPRET=1 and is slow but exact: it is how CI tests the kernels.
     cuda_graphs: "auto" (on for CUDA + triton), True or False. With the triton backend the decode state is
     static and sized by a memory plan made here from the free device memory: max_rows (2 per image) and
-    max_len (KV slots per row) override it. A request that does not fit fails before it starts."""
-    path = Path(path)
+    max_len (KV slots per row) override it. A request that does not fit fails before it starts.
+    warmup=True builds the static decode state of every batch bucket now and, with CUDA Graphs, captures it
+    (seconds), so that no request pays for it: what a server or a benchmark wants. The default leaves that to
+    each bucket's first request (cheaper for one-off runs). `pipe.load_timings` has both times.
+
+    The pipeline serialises its requests (a lock) and frees its device memory on close(), at the end of a
+    `with` block, or when the last reference to it goes."""
+    if not isinstance(warmup, bool):
+        raise InputError(f"{arg('warmup')} must be True or False, got {warmup!r}")
+    t0 = time.perf_counter()
+    path = check_model_dir(path)
     cfg = JanusConfig.from_file(path)
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
@@ -446,13 +590,21 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
                           f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
     with torch.device("meta"):
         model = JanusModel(cfg)
+    check_plan_overrides(cfg, max_rows, max_len)
     if backend != "triton" and (max_rows is not None or max_len is not None):
-        raise InputError("max_rows/max_len size the static decode state of the triton backend; the torch backend "
-                         "allocates per request. Drop them or use backend='triton'")
+        raise InputError(f"{arg('max_rows')}/{arg('max_len')} size the static decode state of the triton backend; "
+                         f"the torch backend allocates per request. Drop them or use {setting('backend', 'triton')}")
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
     model.eval()
     plan = None
     if backend == "triton":
         plan = plan_memory(cfg, torch.empty(0, dtype=dt).element_size(), free_memory(dev), max_rows=max_rows,
                            max_len=max_len)
-    return JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
+    pipe = JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
+    t1 = time.perf_counter()
+    pipe.load_timings = {"load_s": t1 - t0, "warmup_s": 0.0}
+    if warmup:
+        pipe.warmup()
+        pipe._sync()
+        pipe.load_timings["warmup_s"] = time.perf_counter() - t1
+    return pipe
