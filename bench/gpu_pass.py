@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -59,9 +60,10 @@ LOG_KEEP_HEAD = 4 * 2 ** 20  # a log over the file limit keeps its first 4 MiB a
 MIN_S = {
     "checkpoint": {"tiny": 2, "janus-1.3b": 40, "janus-pro-1b": 40, "janus-pro-7b": 150},
     "bench": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 150},
-    "tests-gpu": 60, "kernels": 30, "tests-default": 60,
+    "tests-gpu": 150, "kernels": 30, "tests-default": 60,
 }
 DRY_MIN_S = 2.0  # every step of a dry run
+BENCH_SCENARIOS = ["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"]
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     time_limit_flag: bool = False  # pass the step's time as `--time-limit S` (fastjanus bench)
     junit: Path | None = None
+    needs: str | None = None  # a step that must have succeeded first
     record: dict = field(default_factory=dict)
 
 
@@ -86,8 +89,19 @@ def _run_quiet(cmd: list[str], timeout: float = 20) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+_GPU_PROBE = """
+import json, torch
+p = torch.cuda.get_device_properties(0)
+free, total = torch.cuda.mem_get_info(0)
+print(json.dumps({"name": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}",
+                  "count": torch.cuda.device_count(), "multiprocessors": p.multi_processor_count,
+                  "memory_bytes": total, "free_bytes": free}))
+"""
+
+
 def environment(dry_run: bool) -> dict:
-    """What the numbers depend on, read off this machine."""
+    """What the numbers depend on, read off this machine. The GPU is probed in a child process: a CUDA
+    context in this process would hold about half a GiB of device memory through every step."""
     import torch
 
     from .harness import package_versions
@@ -103,11 +117,11 @@ def environment(dry_run: bool) -> dict:
                                     "clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu",
                                     "--format=csv"])
     if torch.cuda.is_available() and not dry_run:
-        p = torch.cuda.get_device_properties(0)
-        free, total = torch.cuda.mem_get_info(0)
-        env["gpu"] = {"name": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}",
-                      "multiprocessors": p.multi_processor_count, "memory_bytes": total, "free_bytes": free,
-                      "count": torch.cuda.device_count()}
+        probe = _run_quiet([sys.executable, "-c", _GPU_PROBE], timeout=120)
+        try:
+            env["gpu"] = json.loads(probe.splitlines()[-1])
+        except (AttributeError, IndexError, json.JSONDecodeError):
+            env["gpu"] = {"name": "unknown GPU (the probe failed)"}
         env["driver"] = _run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return env
 
@@ -132,11 +146,11 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
         for a in arches:
             steps.append(Step(f"checkpoint-{a}", "e2e", [py, "-c", "import sys; from fastjanus.random_init import "
                                                                  "cached_random_model as c; print(c(sys.argv[1]))", a],
-                              m("checkpoint", a), env=cache_env))
+                              m("checkpoint", a), env=dict(cache_env)))
     if "tests" in parts:
         gpu_tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
         steps.append(Step("tests-gpu", "tests", gpu_tests + ["--junitxml", str(work / "junit-gpu.xml")],
-                          m("tests-gpu"), junit=work / "junit-gpu.xml"))
+                          m("tests-gpu"), junit=work / "junit-gpu.xml", env=dict(cache_env)))
     if "kernels" in parts:
         cmd = [py, "-m", "fastjanus.bench.kernels", "--dtype", "bf16", "--json", str(out / f"{prefix}-kernels.json")]
         steps.append(Step("kernels", "kernels", cmd + (["--dry-run"] if dry_run else []), m("kernels"),
@@ -150,22 +164,28 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
                 flag = ("on" if not dry_run else "auto") if graphs else "off"
                 cmd = [py, "-m", "fastjanus.cli", "bench", "--arch", a, "--cuda-graphs", flag, "--quiet",
                        "--json", str(out / f"{what}.json"), "--plot", str(out / f"{what}.png")]
+                # graphs off: only what graphs change, the decode loops (SigLIP and the VQ decoder run no graph);
+                # no baselines, which do not depend on the setting
+                scenarios = BENCH_SCENARIOS if graphs else [x for x in BENCH_SCENARIOS if x not in ("siglip",
+                                                                                                  "vq-decode")]
                 if not graphs:
                     cmd += ["--baselines", "none"]
-                if dry_run:
+                if dry_run:  # seconds on the CPU: one run each, small batches
+                    scenarios = [x for x in scenarios if x not in ("t2i-16", "siglip")]
                     cmd += ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--max-batch", "2",
-                            "--text-tokens", "4", "--scenario", "t2i-1", "--scenario", "throughput",
-                            "--scenario", "vq-decode", "--scenario", "understand"]
+                            "--text-tokens", "4"]
                 else:
                     cmd += ["--dtype", "bf16"]
-                steps.append(Step(f"bench-{a}-{label}", "e2e", cmd, m("bench", a),
-                                  outputs=[f"{what}.json", f"{what}.png"], env=cache_env, time_limit_flag=True))
+                cmd += [x for sc in scenarios for x in ("--scenario", sc)]
+                steps.append(Step(f"bench-{a}-{label}", "e2e", cmd, m("bench", a), outputs=[f"{what}.json",
+                                  f"{what}.png"], env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
     if "tests" in parts:
-        cmd = [py, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "--junitxml",
-               str(work / "junit-default.xml")]
+        cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
+               "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu
         if dry_run:  # a few quick tests stand in for the suite (about 5 minutes on 2 cores)
             cmd += ["tests/test_tokenizer.py", "tests/test_bench_kernels.py"]
-        steps.append(Step("tests-default", "tests", cmd, m("tests-default"), junit=work / "junit-default.xml"))
+        steps.append(Step("tests-default", "tests", cmd, m("tests-default"), junit=work / "junit-default.xml",
+                          env=dict(cache_env)))
     for s in steps:
         if dry_run:  # nothing of the dry run may touch a GPU, and the kernels run in the interpreter
             s.env.update({"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
@@ -252,7 +272,14 @@ class Pass:
         self.log.write(f"# fastjanus GPU pass: {' '.join(self.argv)}\n# environment\n"
                        f"{json.dumps(self.env, indent=1)}\n")
         self.write_report(False)
+        status = {}
         for i, s in enumerate(self.steps):
+            if s.needs is not None and status.get(s.needs) != "ok":
+                s.record = {"status": "skipped", "reason": f"needs {s.needs}, which did not succeed"}
+                status[s.name] = "skipped"
+                self.echo(f"[{self.elapsed():5.0f} s] {s.name}: skipped ({s.record['reason']})")
+                self.write_report(False)
+                continue
             later = sum(t.min_s for t in self.steps[i + 1:])
             left = self.budget_s - MARGIN_S - self.elapsed()
             if left < s.min_s + later:
@@ -261,39 +288,39 @@ class Pass:
                 if left >= s.min_s:  # it alone would fit: a later, cheaper step is what it would starve
                     why += " (run it in a pass of its own, or raise --budget-s)"
                 s.record = {"status": "skipped", "reason": why}
+                status[s.name] = "skipped"
                 self.echo(f"[{self.elapsed():5.0f} s] {s.name}: skipped ({why})")
                 self.write_report(False)
                 continue
             allowed = left - later
             cmd = list(s.cmd)
             if s.time_limit_flag:
-                cmd += ["--time-limit", f"{max(1.0, allowed - 20):.0f}"]  # 20 s for its report, plot and exit
+                # 30 s for its start (imports), its plot and its exit; its JSON is rewritten after every scenario
+                cmd += ["--time-limit", f"{max(1.0, allowed - 30):.0f}"]
             s.cmd = cmd
             self.echo(f"[{self.elapsed():5.0f} s] {s.name}: running (up to {allowed:.0f} s)")
             self.log.write(f"\n\n# ===== {s.name} (t={self.elapsed():.0f} s, up to {allowed:.0f} s)\n"
                            f"# $ {shlex.join(cmd)}\n")
             self.log.flush()
+            pos_before = self.log_path.stat().st_size
             t = time.monotonic()
-            env = dict(os.environ, PYTHONUNBUFFERED="1", **s.env)
-            pos = self.log_path.stat().st_size
-            try:
-                r = subprocess.run(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, timeout=allowed,
-                                   cwd=str(ROOT if (ROOT / "tests").is_dir() else Path.cwd()))
-                rc, status = r.returncode, "ok" if r.returncode == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                rc, status = None, "timed out"
-            self.log.flush()
-            s.record = {"status": status, "returncode": rc, "seconds": round(time.monotonic() - t, 1),
+            if s.junit is not None and s.junit.exists():
+                s.junit.unlink()  # a stale file from an earlier pass in the same --work would be read as this one's
+            rc, st = run_with_timeout(cmd, self.log, dict(os.environ, PYTHONUNBUFFERED="1", **s.env), allowed)
+            s.record = {"status": st, "returncode": rc, "seconds": round(time.monotonic() - t, 1),
                         "started_at_s": round(t - self.t0, 1)}
             missing = [o for o in s.outputs if not (self.out / o).is_file()]
-            if missing and status == "ok":
+            if missing and st == "ok":
                 s.record.update(status="failed", reason=f"did not write {', '.join(missing)}")
             if s.junit is not None or s.name.startswith("tests"):
                 with open(self.log_path, "rb") as f:
-                    f.seek(pos)
+                    f.seek(pos_before)
                     s.record["tests"] = test_summary(f.read().decode("utf-8", "replace"), s.junit)
+            if s.time_limit_flag and not missing:  # what the benchmark itself left out, from its report
+                s.record["bench"] = bench_notes(self.out / s.outputs[0])
             self.echo(f"[{self.elapsed():5.0f} s] {s.name}: {s.record['status']} in {s.record['seconds']:.0f} s"
                       + (f" ({_fmt_tests(s.record['tests'])})" if "tests" in s.record else ""))
+            status[s.name] = s.record["status"]
             self._cap_log()
             self.write_report(False)
         self.log.write(f"\n# pass done in {self.elapsed():.0f} s\n")
@@ -308,6 +335,40 @@ class Pass:
         self.log.close()
 
 
+def bench_notes(path: Path) -> dict:
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return {"error": f"cannot read {path.name}: {e}"}
+    tl = rep.get("time_limit") or {}
+    return {"left_out": tl.get("skipped", []), "cut": tl.get("cut", []),
+            "baselines_failed": rep.get("baselines_failed", {}), "baselines_skipped": rep.get("baselines_skipped", {})}
+
+
+def run_with_timeout(cmd: list[str], log, env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run cmd with its output into log; past the timeout, kill its whole process group (pytest and the bench
+    start processes of their own) and say "timed out"."""
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                         cwd=str(ROOT if (ROOT / "tests").is_dir() else Path.cwd()))
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):  # a chance to exit cleanly, then none
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return None, "timed out"
+    finally:
+        log.flush()
+    return rc, "ok" if rc == 0 else "failed"
+
+
 def _fmt_tests(t: dict) -> str:
     return f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
 
@@ -317,6 +378,13 @@ def summary_table(report: dict) -> str:
              f"{'step':34s} {'status':10s} {'seconds':>8s}  notes"]
     for s in report["steps"]:
         note = s.get("reason", "")
+        if "bench" in s:
+            b = s["bench"]
+            bits = [f"left out: {', '.join(b['left_out'])}" if b.get("left_out") else "",
+                    f"cut: {'; '.join(b['cut'])}" if b.get("cut") else "",
+                    f"baselines failed: {', '.join(f'{k} ({len(v)})' for k, v in b['baselines_failed'].items())}"
+                    if b.get("baselines_failed") else ""]
+            note = "; ".join(x for x in bits if x) or note
         if "tests" in s:
             note = _fmt_tests(s["tests"]) + "".join(f"; FAILED {f['test']}" for f in s["tests"]["failures"][:5])
         sec = f"{s['seconds']:.0f}" if "seconds" in s else "-"

@@ -11,6 +11,7 @@ on the same weights and the same prompts and seeds.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -58,6 +59,8 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     time_limit: float | None = None  # seconds: no new run starts after it (what is left out is reported)
+    max_rows: int | None = None  # memory plan overrides, passed to fastjanus.load
+    max_len: int | None = None
 
     def __post_init__(self):
         if (self.arch is None) == (self.model is None):
@@ -182,14 +185,15 @@ class _Runner:
     def out_of_time(self, need: float = 0.0) -> bool:
         return self.deadline is not None and time.perf_counter() + need > self.deadline
 
-    def repeat(self, what: str, fn, repeats: int) -> list[dict]:
+    def repeat(self, what: str, fn, repeats: int, first_guess: float = 0.0) -> list[dict]:
+        """first_guess: seconds the first run is expected to take (0: unknown); later runs use the last one's."""
         rows = []
         total = self.cfg.warmup + repeats
         it = range(total)
         if self.cfg.progress:
             from tqdm import tqdm
             it = tqdm(it, desc=what, unit="run", leave=False, file=sys.stderr)
-        last = 0.0
+        last = first_guess
         for i in it:
             if self.out_of_time(last):
                 if not rows:
@@ -317,21 +321,30 @@ def largest_batch(pipe, cfg: BenchConfig, prompt_len: int) -> tuple[int, str]:
     return best, f"largest power of two fitting {free / 2 ** 30:.1f} GiB free (estimate, capped at 256)"
 
 
-def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict:
-    from ..engine.pipeline import JanusPipeline, load, resolve_device_dtype
+BASELINE_FIRST_RUN_GUESS = 10  # a baseline's first run is guessed at 10x fastjanus's median (the speed target)
+
+
+def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_update=None) -> dict:
+    """Every scenario, then the baselines; returns the report. on_update(report) gets the report so far after
+    each scenario and each baseline (`partial: true`), so that a run stopped from outside still leaves one."""
+    from ..engine.pipeline import (JanusPipeline, load, resolve_backend, resolve_cuda_graphs,
+                                   resolve_device_dtype)
     from ..image import preprocess
 
     t_begin = time.perf_counter()
     deadline = None if cfg.time_limit is None else t_begin + cfg.time_limit
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    resolve_cuda_graphs(cfg.cuda_graphs, device, resolve_backend(cfg.backend, device))  # before any checkpoint
     path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, progress=cfg.progress)
     # warmup=True: every bucket's graph is captured (or its kernels compiled) here, not in a timed run
     pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend,
-                cuda_graphs=cfg.cuda_graphs, warmup=True)
+                cuda_graphs=cfg.cuda_graphs, max_rows=cfg.max_rows, max_len=cfg.max_len, warmup=True)
     log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend, "
         f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) in {pipe.load_timings['load_s']:.1f} s, "
         f"warm-up (capture) {pipe.load_timings['warmup_s']:.1f} s")
     jc = pipe.cfg
+    model, plan = pipe.model, pipe.memory_plan
+    load_timings = dict(pipe.load_timings)
     elem = torch.empty(0, dtype=dtype).element_size()
     info = device_info(device)
     if info["platform"] == "cpu":
@@ -346,6 +359,51 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
     reps_b = cfg.baseline_repeats or min(cfg.repeats, 2)
     scenarios: list[dict] = []
     pending: list[tuple[dict, str]] = []  # (scenario, kind) for the baselines, run after every fastjanus scenario
+    skipped: dict[str, str] = {}
+    failed: dict[str, dict[str, str]] = {}
+
+    def report(partial: bool) -> dict:
+        L = jc.language
+        return {
+            **info,
+            "label": "CPU run: checks the harness, not a GPU figure" if info["platform"] == "cpu" else "GPU run",
+            "partial": partial,
+            "dtype": str(dtype).replace("torch.", ""), "arch": cfg.arch or "custom", "model_path": str(path),
+            "torch": torch.__version__, "triton": _triton_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "backend": pipe.backend, "cuda_graphs": pipe.cuda_graphs,
+            "memory_plan": None if plan is None else {
+                "pool_bytes": plan.pool_bytes, "buckets": plan.buckets, "max_len": plan.max_len,
+                "source": plan.source},
+            "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
+            "versions": package_versions(),
+            "quantization": None,
+            "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
+                       "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
+                       "image_tokens": jc.num_image_tokens, "codebook": jc.vq.codebook_size,
+                       "vision_image_size": jc.vision.image_size, "vq_image_size": jc.vq.image_size},
+            "method": {"repeats": cfg.repeats, "warmup": cfg.warmup, "baseline_repeats": reps_b,
+                       "timer": "time.perf_counter with the device synchronised around each timed region",
+                       "inputs": "fresh random prompt (or image + question) and seed per repeat, shared with "
+                                 "baselines",
+                       "sampling": "image: temperature 1, cfg 5, full codebook (no top-k/top-p, transformers "
+                                   "top_k=0); text: greedy, EOS ignored",
+                       "decode_step": "decode-loop time / (image tokens - 1) decode steps; the loop also runs the "
+                                      "first head + sample and copies the codes to the host (a <0.5% overcount)",
+                       "copy_bandwidth": bw_method, "matmul": mm_method,
+                       "bytes_per_step": "weights read (decoder, norm and the step's head) + K/V of all cached "
+                                         "slots read + one slot written, per row, at the mean cached length of "
+                                         "the loop",
+                       "flops": "torch.utils.flop_counter.FlopCounterMode on the real shapes (matmul/conv/"
+                                "attention)"},
+            "copy_bandwidth_gbs": bw, "matmul_tflops": tflops,
+            "scenarios": scenarios, "baselines_skipped": skipped, "baselines_failed": failed,
+            "time_limit": {"limit_s": cfg.time_limit, "skipped": out_of_time, "cut": runner.cut},
+        }
+
+    def update() -> None:
+        if on_update is not None:
+            on_update(copy.deepcopy(report(partial=True)))  # a snapshot: the lists grow on
 
     def decode_roof(sc: dict, step_s: float, nbytes: int) -> None:
         sc["decode_step_ms"] = step_s * 1e3
@@ -355,12 +413,17 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
 
     def t2i(name: str, n: int, throughput: bool = False, why: str | None = None) -> None:
         _reset_peak(device)
-        rows = runner.repeat(name, lambda i: _fj_t2i(pipe, n, *_t2i_inputs(cfg, i)), cfg.repeats)
+        # the first run's time, guessed from the last image scenario: linear in images (an upper bound for a
+        # memory-bound decode), so that the time limit does not start a run it cannot finish
+        prev = [sc for sc in scenarios if "breakdown" in sc]
+        guess = prev[-1]["median_s"] * max(1.0, n / prev[-1]["num_images"]) if prev else 0.0
+        rows = runner.repeat(name, lambda i: _fj_t2i(pipe, n, *_t2i_inputs(cfg, i)), cfg.repeats, guess)
         sc = _scenario(name, n, [r["total_s"] for r in rows],
                        breakdown={k: _median(rows, k) for k in ("prefill_s", "decode_s", "vq_decode_s")},
                        prompt_len=statistics.mean(r["prompt_len"] for r in rows), peak_mem_bytes=_peak(device))
         steps = rows[0]["steps"] - 1  # decode forwards; the first code comes from the prefill's hidden state
         decode_roof(sc, sc["breakdown"]["decode_s"] / steps, rl.mean_image_step_bytes(jc, elem, n, sc["prompt_len"]))
+        sc["runs"] = len(rows)
         if throughput:
             sc["images_per_s"] = n / sc["median_s"]
             sc["batch_rule"] = why
@@ -383,7 +446,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         peak = _peak(device)
         with torch.inference_mode():
             flops = rl.count_flops(lambda: fn(rows[0]["x"]))
-        sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops)
+        sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops, runs=len(rows))
         sc["tflops"] = flops / sc["median_s"] / 1e12
         sc["roofline_fraction"] = sc["tflops"] / tflops
         scenarios.append(sc)
@@ -409,9 +472,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                                  cfg.repeats)
             peak = _peak(device)
             plen = statistics.mean(r["prompt_len"] for r in rows)
-            ttft = _scenario("understand-ttft", 1, [r["ttft_s"] for r in rows], peak_mem_bytes=peak, prompt_len=plen)
+            ttft = _scenario("understand-ttft", 1, [r["ttft_s"] for r in rows], peak_mem_bytes=peak, prompt_len=plen,
+                             runs=len(rows))
             dec = _scenario("understand-decode", 1, [r["decode_s"] for r in rows], peak_mem_bytes=peak,
-                            prompt_len=plen, new_tokens=n)
+                            prompt_len=plen, new_tokens=n, runs=len(rows))
             dec["tokens_per_s"] = (n - 1) / dec["median_s"]
             decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1))
             scenarios.extend([ttft, dec])
@@ -422,13 +486,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             scenario(name)
         except OutOfTime:
             out_of_time.append(name)
-    # What the report needs of the pipeline, then its KV pool and graphs go: the baselines get the memory.
-    model, plan = pipe.model, pipe.memory_plan
-    load_timings = dict(pipe.load_timings)
-    pipe.close()
+        update()
+    pipe.close()  # fastjanus's KV pool and graphs go: the baselines get the memory (model: kept above)
 
     # ---- baselines, after every fastjanus number (so the peaks above hold only fastjanus's own model)
-    skipped: dict[str, str] = {}
     want = [b for b in BASELINES if b in cfg.baselines]
     for b in BASELINES:
         if b not in cfg.baselines:
@@ -441,7 +502,6 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         skipped["torch-eager"] = "the measured configuration already is fastjanus's plain-torch eager path"
         want.remove("torch-eager")
     hf = None
-    failed: dict[str, dict[str, str]] = {}
     log(f"fastjanus scenarios done in {time.perf_counter() - t_start:.0f} s")
     if "transformers" in want:
         try:
@@ -474,9 +534,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
         t_b = time.perf_counter()
         for sc, kind in pending:
             what = sc["name"] if kind == "t2i" else "understand"
+            ours = sc["median_s"] if kind == "t2i" else sc[0]["median_s"] + sc[1]["median_s"]
             try:
                 rows = runner.repeat(f"{b} {what}", (lambda i, sc=sc: t2i_fn(sc, i)) if kind == "t2i" else und_fn,
-                                     reps_b)
+                                     reps_b, BASELINE_FIRST_RUN_GUESS * ours)
             except OutOfTime:
                 out_of_time.append(f"{b} {what}")
                 continue
@@ -495,6 +556,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
                 for s, key in zip(sc, ("ttft_s", "decode_s")):
                     st = _stats([r[key] for r in rows])
                     s["baselines"][b] = {**st, "speedup": st["median_s"] / s["median_s"]}
+            update()
         log(f"baseline {b}: {time.perf_counter() - t_b:.0f} s")
         if hf is not None:
             del hf
@@ -503,38 +565,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr)) -> dict
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    L = jc.language
-    return {
-        **info,
-        "label": "CPU run: checks the harness, not a GPU figure" if info["platform"] == "cpu" else "GPU run",
-        "dtype": str(dtype).replace("torch.", ""), "arch": cfg.arch or "custom", "model_path": str(path),
-        "torch": torch.__version__, "triton": _triton_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backend": pipe.backend, "cuda_graphs": pipe.cuda_graphs,
-        "memory_plan": None if plan is None else {
-            "pool_bytes": plan.pool_bytes, "buckets": plan.buckets, "max_len": plan.max_len, "source": plan.source},
-        "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
-        "versions": package_versions(),
-        "quantization": None,
-        "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
-                   "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
-                   "image_tokens": jc.num_image_tokens, "codebook": jc.vq.codebook_size,
-                   "vision_image_size": jc.vision.image_size, "vq_image_size": jc.vq.image_size},
-        "method": {"repeats": cfg.repeats, "warmup": cfg.warmup, "baseline_repeats": reps_b,
-                   "timer": "time.perf_counter with the device synchronised around each timed region",
-                   "inputs": "fresh random prompt (or image + question) and seed per repeat, shared with baselines",
-                   "sampling": "image: temperature 1, cfg 5, full codebook (no top-k/top-p, transformers top_k=0); "
-                               "text: greedy, EOS ignored",
-                   "decode_step": "decode-loop time / (image tokens - 1) decode steps; the loop also runs the "
-                                  "first head + sample and copies the codes to the host (a <0.5% overcount)",
-                   "copy_bandwidth": bw_method, "matmul": mm_method,
-                   "bytes_per_step": "weights read (decoder, norm and the step's head) + K/V of all cached slots "
-                                     "read + one slot written, per row, at the mean cached length of the loop",
-                   "flops": "torch.utils.flop_counter.FlopCounterMode on the real shapes (matmul/conv/attention)"},
-        "copy_bandwidth_gbs": bw, "matmul_tflops": tflops,
-        "scenarios": scenarios, "baselines_skipped": skipped, "baselines_failed": failed,
-        "time_limit": {"limit_s": cfg.time_limit, "skipped": out_of_time, "cut": runner.cut},
-    }
+    return report(partial=False)
 
 
 # --------------------------------------------------------------------------------------- reporting
@@ -605,7 +636,8 @@ def main(args) -> int:
                       scenarios=tuple(args.scenario) if args.scenario else SCENARIOS, baselines=baselines,
                       repeats=args.repeats, warmup=args.warmup, baseline_repeats=args.baseline_repeats,
                       max_batch=args.max_batch, text_tokens=args.text_tokens, seed=args.seed or 0,
-                      progress=not args.quiet, time_limit=getattr(args, "time_limit", None))
+                      progress=not args.quiet, time_limit=getattr(args, "time_limit", None),
+                      max_rows=getattr(args, "max_rows", None), max_len=getattr(args, "max_len", None))
     for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring
         if p:
             if Path(p).is_dir():
@@ -617,11 +649,14 @@ def main(args) -> int:
                 raise InputError(f"{flag} {p}: cannot create its folder ({e.strerror or e})") from None
             if not os.access(parent, os.W_OK):
                 raise InputError(f"{flag} {p}: the folder is not writable")
-    rep = run_bench(cfg)
+    def write(r: dict) -> None:  # atomically: a reader (or a kill) never sees half a file
+        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp.write_text(json.dumps(r, indent=1))
+        tmp.replace(args.json)
+    rep = run_bench(cfg, on_update=write if args.json else None)
     print(format_table(rep))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1)
+        write(rep)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         from .plot import plot_report

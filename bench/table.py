@@ -34,14 +34,15 @@ def rows(report: dict, source: str) -> list[str]:
             extra = f"{s['images_per_s']:.2f} img/s"
         elif "tokens_per_s" in s:
             extra = f"{s['tokens_per_s']:.0f} tok/s"
+        runs = s.get("runs", "-")  # fewer than the method's repeats: the run's --time-limit cut it short
         out.append(f"| {dev} | {report['arch']} | {report['dtype']} | {'on' if report['cuda_graphs'] else 'off'} | "
                    f"{s['name']} | {s['num_images'] if s['num_images'] is not None else '-'} | {_s(s['median_s'])} | "
-                   f"{step} | {roof} | {extra or '-'} | {peak} | {speed} | {source} |")
+                   f"{runs} | {step} | {roof} | {extra or '-'} | {peak} | {speed} | {source} |")
     return out
 
 
-HEADER = ("| device | model | dtype | graphs | scenario | images | median | decode step | roofline | rate | "
-          "peak GiB | speed-up over | file |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| device | model | dtype | graphs | scenario | images | median | runs | decode step | roofline | rate | "
+          "peak GiB | speed-up over | file |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table(paths: list[str], log=lambda s: print(s, file=sys.stderr)) -> str:
@@ -55,6 +56,8 @@ def table(paths: list[str], log=lambda s: print(s, file=sys.stderr)) -> str:
         if not isinstance(rep, dict) or "scenarios" not in rep:
             log(f"skipped {p}: not a fastjanus bench report")
             continue
+        if rep.get("partial"):
+            log(f"note: {p} is a partial report (its run was stopped before the end)")
         lines += rows(rep, Path(p).name)
     return "\n".join(lines)
 

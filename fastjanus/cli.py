@@ -59,10 +59,20 @@ def _check_runtime_flags(args) -> None:
                          "use --backend triton")
 
 
-def _load(args):
+def _model_files(path: Path):
+    """config.json and the tokenizer files alone (no weights): enough to check a request before loading."""
+    from .config import JanusConfig
+    from .engine.pipeline import check_model_dir
+    from .tokenizer import JanusTokenizer
+    path = check_model_dir(path)
+    cfg = JanusConfig.from_file(path)
+    return cfg, JanusTokenizer(path, cfg.language.vocab_size)
+
+
+def _load(args, path: Path):
     from .engine.pipeline import load
     t0 = time.perf_counter()
-    pipe = load(_model_arg(args), device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
+    pipe = load(path, device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
                 cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len)
     print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
           f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
@@ -123,8 +133,12 @@ def cmd_generate(args) -> int:
     check_seed(args.seed)
     _check_runtime_flags(args)
     out = prepare_out_dir(args.out)
+    path = _model_arg(args)
+    from .engine.pipeline import image_token_rows
+    cfg, tk = _model_files(path)
+    image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
     seed = _seed(args, matters=args.temperature > 0)
-    pipe = _load(args)
+    pipe = _load(args, path)
     t0 = time.perf_counter()
     codes = pipe.generate_image_tokens(args.prompt, num_images=args.num_images, cfg_weight=args.cfg,
                                        temperature=args.temperature, seed=seed, top_k=args.top_k,
@@ -149,8 +163,12 @@ def cmd_understand(args) -> int:
     check_seed(args.seed)
     _check_runtime_flags(args)
     image = load_image(args.image)
+    path = _model_arg(args)
+    from .engine.pipeline import question_ids
+    cfg, tk = _model_files(path)
+    question_ids(tk, cfg, args.question, args.max_new_tokens)  # the image tag, the length: before loading
     seed = _seed(args, matters=args.temperature > 0)
-    pipe = _load(args)
+    pipe = _load(args, path)
 
     def show(piece: str) -> None:  # the answer as it is decoded
         sys.stdout.write(piece)
@@ -250,6 +268,7 @@ def cmd_init_random(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.harness import main as bench_main
+    _check_runtime_flags(args)  # before any random checkpoint is written (Pro-7B: 15 GB)
     return bench_main(args)
 
 
@@ -346,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: triton on CUDA, torch on the CPU")
     b.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
+    b.add_argument("--max-rows", type=int, default=None,
+                   help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
+    b.add_argument("--max-len", type=int, default=None,
+                   help="memory plan: KV slots per row (default: 576 image tokens + 512 for the prompt)")
     b.add_argument("--scenario", action="append",
                    choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
                    help="repeat to pick several (default: all)")
@@ -364,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="FILE", help="write the full report (conditions, every number)")
     b.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG: latency breakdown, roofline")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.set_defaults(fn=cmd_bench)
+    b.set_defaults(fn=cmd_bench, flag_names={"max_new_tokens": "--text-tokens"})
 
     r = sub.add_parser("init-random", help="write a random checkpoint in the official layout", formatter_class=_Help)
     r.add_argument("--arch", required=True, choices=sorted(PRESETS))
@@ -395,7 +418,7 @@ def main(argv=None) -> int:
     if getattr(args, "prompt", None) is not None and len(args.prompt) == 1:
         args.prompt = args.prompt[0]
     try:
-        with cli_style():
+        with cli_style(getattr(args, "flag_names", None)):
             return args.fn(args)
     except (FastJanusError, OSError) as e:  # OSError: unwritable files and the like
         print(f"fastjanus: error: {_one_line(e)}", file=sys.stderr)

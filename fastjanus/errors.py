@@ -31,7 +31,7 @@ class InputError(FastJanusError, ValueError):
 
 
 # ------------------------------------------------------------------------- naming what the user passed
-_CLI = contextvars.ContextVar("fastjanus_cli_style", default=False)
+_CLI: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastjanus_cli_style", default=None)
 
 # API keyword → command-line flag where the two are not simply `--` + dashes.
 FLAGS = {"cfg_weight": "--cfg", "prompt": "--prompt", "image": "--image", "question": "--question",
@@ -41,14 +41,15 @@ _CLI_VALUES = {"cuda_graphs": {True: "on", False: "off", "auto": "auto"}}
 
 def arg(name: str) -> str:
     """`name` as the caller wrote it: the keyword argument, or under cli_style() the flag."""
-    if not _CLI.get():
+    flags = _CLI.get()
+    if flags is None:
         return name
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flags.get(name) or FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def setting(name: str, value) -> str:
     """A value of `name` as the caller would write it: `device='cpu'`, or `--device cpu` on the command line."""
-    if not _CLI.get():
+    if _CLI.get() is None:
         return f"{name}={value!r}"
     value = _CLI_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
     return f"{arg(name)} {value}"
@@ -56,17 +57,18 @@ def setting(name: str, value) -> str:
 
 def path_of(name: str, path) -> str:
     """A path the caller passed as `name`: the path itself, or under cli_style() `--flag path`."""
-    return f"{arg(name)} {path}" if _CLI.get() else str(path)
+    return f"{arg(name)} {path}" if _CLI.get() is not None else str(path)
 
 
 def cli_active() -> bool:
-    return _CLI.get()
+    return _CLI.get() is not None
 
 
 @contextmanager
-def cli_style():
-    """Render messages raised inside this block in command-line terms."""
-    token = _CLI.set(True)
+def cli_style(flags: dict[str, str] | None = None):
+    """Render messages raised inside this block in command-line terms. `flags` maps an API name to the flag a
+    command uses for it where that differs (`fastjanus bench` says --text-tokens for max_new_tokens)."""
+    token = _CLI.set(dict(flags or {}))
     try:
         yield
     finally:

@@ -227,3 +227,31 @@ def test_largest_batch_from_free_memory(monkeypatch):
     pipe.memory_plan = plan
     assert largest_batch(pipe, BenchConfig(), 40)[0] == 8  # the static runtime's largest bucket
     assert largest_batch(pipe, BenchConfig(max_batch=3), 40) == (3, "--max-batch")
+
+
+def test_partial_reports_and_the_time_limit(tiny_dir):
+    """on_update gets the report after every scenario (a run killed later still leaves one), and a scenario
+    whose first run would end past the time limit is not started."""
+    updates = []
+    cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", scenarios=("t2i-1", "vq-decode"), repeats=1,
+                      warmup=0, baselines=(), progress=False)
+    rep = run_bench(cfg, log=lambda s: None, on_update=updates.append)
+    assert [[s["name"] for s in u["scenarios"]] for u in updates] == [["t2i-1"], ["t2i-1", "vq-decode"]]
+    assert all(u["partial"] for u in updates) and rep["partial"] is False and rep["scenarios"][0]["runs"] == 1
+    cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", scenarios=("t2i-1", "vq-decode"), repeats=3,
+                      warmup=0, baselines=(), progress=False, time_limit=1e-6)
+    rep = run_bench(cfg, log=lambda s: None)
+    assert rep["scenarios"] == [] and rep["time_limit"]["skipped"] == ["t2i-1", "vq-decode"]
+
+
+def test_runner_does_not_start_a_run_it_cannot_finish():
+    import time
+
+    from fastjanus.bench.harness import OutOfTime, _Runner
+    calls = []
+    r = _Runner(BenchConfig(warmup=0, progress=False), torch.device("cpu"), deadline=time.perf_counter() + 30)
+    with pytest.raises(OutOfTime):  # guessed at 60 s, 30 s left: never started
+        r.repeat("baseline", lambda i: calls.append(i), 2, first_guess=60)
+    assert calls == []
+    rows = r.repeat("quick", lambda i: calls.append(i) or {"i": i}, 3, first_guess=1)
+    assert len(rows) == 3 and r.cut == []

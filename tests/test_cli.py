@@ -251,3 +251,40 @@ def test_understand_streams_its_answer(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     pipe = fastjanus.load(tiny_dir, device="cpu")
     assert out == pipe.answer(img, "what is it?", max_new_tokens=12, temperature=1.0, top_k=50, seed=3) + "\n"
+
+
+def test_request_checks_that_need_the_tokenizer_come_before_the_weights(tiny_dir, tmp_path, monkeypatch, capsys):
+    _no_load(monkeypatch)
+    img = tmp_path / "i.png"
+    Image.new("RGB", (8, 8)).save(img)
+    und = ["understand", "--model", str(tiny_dir), "--image", str(img)]
+    assert main([*und, "--question", "what is <image_placeholder>?"]) == 2
+    assert "--question must not contain the image tag" in capsys.readouterr().err
+    assert main([*und, "--question", "what?", "--max-new-tokens", "5000"]) == 2
+    err = capsys.readouterr().err  # the tiny model's context is 1024 positions
+    assert re.search(r"with --max-new-tokens 5000 that exceeds the model's context of 1024 positions: "
+                     r"lower --max-new-tokens to \d+", err), err
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "fox " * 1200, "--out", str(tmp_path / "o")]) == 2
+    assert "--prompt is" in capsys.readouterr().err
+
+
+def test_bench_checks_its_flags_before_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTJANUS_CACHE", str(tmp_path / "cache"))
+    if not torch.cuda.is_available():
+        assert main(["bench", "--arch", "tiny", "--device", "cpu", "--cuda-graphs", "on", "--quiet"]) == 2
+        assert "--cuda-graphs on needs a CUDA device" in capsys.readouterr().err
+    assert main(["bench", "--arch", "tiny", "--max-rows", "3", "--quiet"]) == 2
+    assert "--max-rows must be even" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bench_errors_name_the_bench_flags(tiny_dir, capsys):
+    # a 2-row x 120-slot plan cannot hold the tiny model's understanding prompt (~210 tokens) plus 100 new ones
+    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--backend", "triton", "--max-rows", "2",
+                 "--max-len", "120", "--scenario", "understand", "--text-tokens", "100", "--baselines", "none",
+                 "--repeats", "1", "--warmup", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --text-tokens to" in err and "max_new_tokens" not in err and "--max-new-tokens" not in err
+    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--backend", "triton", "--max-len", "30",
+                 "--quiet"]) == 2
+    assert "--max-len 30 holds no image" in capsys.readouterr().err

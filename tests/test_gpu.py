@@ -5,14 +5,15 @@ import pytest
 import torch
 
 import fastjanus
-from fastjanus.random_init import init_random
+from fastjanus.random_init import cached_random_model, init_random
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.fixture(scope="module")
-def pro1b_dir(tmp_path_factory):
-    return init_random("janus-pro-1b", tmp_path_factory.mktemp("pro1b"), fmt="safetensors", seed=0)
+def pro1b_dir():
+    # written once into the cache ($FASTJANUS_CACHE: the GPU pass points it at its work folder) and shared
+    return cached_random_model("janus-pro-1b")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import fastjanus
-from fastjanus.random_init import init_random
+from fastjanus.random_init import cached_random_model, init_random
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -19,8 +19,8 @@ def tiny_gpu(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pro1b_gpu(tmp_path_factory):
-    d = init_random("janus-pro-1b", tmp_path_factory.mktemp("pro1bg"), fmt="safetensors", seed=0)
+def pro1b_gpu():
+    d = cached_random_model("janus-pro-1b")  # shared with tests/test_gpu.py through the cache
     return fastjanus.load(d, device="cuda", dtype=torch.bfloat16, backend="triton", cuda_graphs=True), d
 
 
@@ -146,15 +146,23 @@ def test_close_and_drop_release_device_memory(tmp_path):
     for how in ("close", "del"):
         gc.disable()  # reference counting alone must free it
         try:
-            p = fastjanus.load(d, device="cuda", dtype=torch.bfloat16, backend="triton", max_rows=8, warmup=True)
+            # 64 rows x 1024 slots: a 16 MiB pool, next to the tiny model's 2 MiB of weights
+            p = fastjanus.load(d, device="cuda", dtype=torch.bfloat16, backend="triton", max_rows=64, max_len=1024,
+                               warmup=True)
             p.generate_image_tokens("a fox", num_images=2, seed=0)
+            pool = p.memory_plan.pool_bytes
+            torch.cuda.synchronize()
             held = torch.cuda.memory_allocated() - base
-            assert held >= p.memory_plan.pool_bytes
+            assert held >= pool
             if how == "close":
                 p.close()
             else:
                 del p
             torch.cuda.synchronize()
-            assert torch.cuda.memory_allocated() - base < 1 << 20, (how, held)
+            left = torch.cuda.memory_allocated() - base
+            assert held - left >= pool, (how, held, left)  # the pool, the weights and the graphs' memory went
+            # what may stay: cuBLAS keeps one workspace per stream it ran on (32 MiB on Hopper), and
+            # empty_cache does not release those
+            assert left <= 3 * 32 * 2 ** 20 + 2 ** 20, (how, left)
         finally:
             gc.enable()

@@ -47,12 +47,16 @@ def test_dry_run_end_to_end(dry):
     e = json.loads(next(out.glob("*-tiny-eager.json")).read_text())
     assert g["platform"] == "cpu" and g["time_limit"]["limit_s"] > 0 and g["time_limit"]["skipped"] == []
     assert e["baselines_skipped"]["transformers"].startswith("not requested")  # baselines only in the graphs run
+    assert [x["name"] for x in e["scenarios"]] == ["t2i-1", "throughput", "understand-ttft", "understand-decode"]
+    assert steps["bench-tiny-graphs"]["bench"]["left_out"] == []
     k = json.loads(next(out.glob("*-kernels.json")).read_text())
     assert k["dry_run"] is True and {r["kernel"] for r in k["results"]} >= {"decode_attention", "cfg_sample"}
     log = next(out.glob("*-pass-*.log")).read_text()
     for name in steps:
         assert f"# ===== {name} " in log
-    assert "ok" in lines[-1] or "budget" in lines[-1]
+    table = lines[-1].splitlines()  # the summary printed last: one row per step, each "ok"
+    for name in steps:
+        assert re.search(rf"^{re.escape(name)}\s+ok\s", "\n".join(table), re.M), (name, table)
 
 
 def test_the_table_reads_the_dry_run(dry):
@@ -60,7 +64,7 @@ def test_the_table_reads_the_dry_run(dry):
     _, out, _ = dry
     notes = []
     md = table(sorted(str(p) for p in out.glob("*.json")), log=notes.append)
-    assert md.count("| CPU RUN (not a GPU figure)") == 10  # 5 scenarios x 2 runs, each marked as a CPU run
+    assert md.count("| CPU RUN (not a GPU figure)") == 9  # 5 + 4 scenario rows, each marked as a CPU run
     assert len(notes) == 2  # the pass report and the kernel file are not bench reports
 
 
@@ -119,3 +123,14 @@ def test_log_is_capped_at_the_file_limit(tmp_path, monkeypatch):
     ps.log.close()
     data = (tmp_path / "cpu-x-pass-t.log").read_text()
     assert len(data.encode()) <= 1 << 20 and data.startswith("HEAD") and data.endswith("TAIL\n") and "cut" in data
+
+
+def test_a_bench_whose_checkpoint_failed_is_not_started(tmp_path):
+    fail = gp.Step("checkpoint-x", "e2e", [sys.executable, "-c", "raise SystemExit(3)"], min_s=0)
+    bench = gp.Step("bench-x-graphs", "e2e", [sys.executable, "-c", "print('ran')"], min_s=0, needs="checkpoint-x")
+    ps = gp.Pass(tmp_path, "cpu-x", "t", 100, {}, [fail, bench], ["test"], gp.time.monotonic(), echo=lambda s: None)
+    assert ps.run() == 1
+    assert fail.record["status"] == "failed" and fail.record["returncode"] == 3
+    assert bench.record == {"status": "skipped", "reason": "needs checkpoint-x, which did not succeed"}
+    rep = json.loads((tmp_path / "cpu-x-pass-t.json").read_text())
+    assert rep["finished"] and rep["skipped"] == ["bench-x-graphs: needs checkpoint-x, which did not succeed"]

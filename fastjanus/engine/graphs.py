@@ -55,14 +55,14 @@ class StaticDecoder:
     """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
 
     def __init__(self, model, device: torch.device, backend: str, pool: KVPool, rows: int, capacity: int,
-                 paired: bool, top_k: int | None, history: int, use_graph: bool, graph_pool=None):
+                 paired: bool, top_k: int | None, history: int, use_graph: bool, graph_pool=None, side_stream=None):
         self.model, self.device, self.backend, self.rows = model, device, backend, rows
         self.cache = pool.cache(rows, capacity)
         n = rows // 2 if paired else rows
         self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, device)
         self.head = model.gen_head if paired else model.language_model.lm_head
         self.embed = model.embed_image_codes if paired else model.embed_text
-        self.use_graph, self.graph_pool, self.graph = use_graph, graph_pool, None
+        self.use_graph, self.graph_pool, self.graph, self.side_stream = use_graph, graph_pool, None, side_stream
         self.compiled = False
 
     # the step: everything it touches is a buffer of this object (or the model's weights)
@@ -82,7 +82,7 @@ class StaticDecoder:
         The warm-up writes garbage into this bucket's cache and state; start() resets all of it."""
         self._reset_for_warmup()
         with torch.cuda.device(self.device), torch.inference_mode():  # cuda:1 captures on cuda:1
-            s = torch.cuda.Stream()
+            s = self.side_stream or torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
@@ -146,6 +146,9 @@ class DecodeRuntime:
         self.pool = KVPool(pipe.model, plan)
         self.decoders: dict[tuple, StaticDecoder] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        # One stream for every capture's eager warm-up: cuBLAS keeps a workspace (32 MiB on Hopper) per stream it
+        # has run on, which empty_cache() never returns, so a new stream per bucket would leave one per bucket.
+        self.side_stream = torch.cuda.Stream(pipe.device) if use_graphs else None
 
     @property
     def pipe(self):
@@ -161,6 +164,7 @@ class DecodeRuntime:
         self.decoders.clear()
         self.pool = None
         self.graph_pool = None
+        self.side_stream = None
 
     def _decoder(self, rows: int, capacity: int, paired: bool, top_k, history: int) -> StaticDecoder:
         # One decoder (and graph) per bucket and top_k value: top_k sets the sampler's launch configuration.
@@ -168,7 +172,7 @@ class DecodeRuntime:
         d = self.decoders.get(key)
         if d is None:
             d = StaticDecoder(self.model, self.device, self.backend, self.pool, rows, capacity, paired, top_k, history,
-                              self.use_graphs, self.graph_pool)
+                              self.use_graphs, self.graph_pool, self.side_stream)
             self.decoders[key] = d
         return d
 

@@ -151,6 +151,9 @@ def check_plan_overrides(cfg: JanusConfig, max_rows, max_len) -> None:
                          f"{max_rows}")
     if max_len is not None and max_len > context:
         raise InputError(f"{arg('max_len')} {max_len} exceeds the model's context of {context} positions")
+    if max_len is not None and max_len < cfg.num_image_tokens + 2:
+        raise InputError(f"{arg('max_len')} {max_len} holds no image: one needs its {cfg.num_image_tokens} image "
+                         f"tokens plus the prompt; use at least {cfg.num_image_tokens + 64} or leave it out")
 
 
 def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows: int | None = None,

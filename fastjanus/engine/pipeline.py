@@ -124,12 +124,65 @@ def new_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,)).item())
 
 
+def image_token_rows(tokenizer: JanusTokenizer, cfg: JanusConfig, prompt, num_images: int) -> list[list[int]]:
+    """The interleaved CFG token rows of an image request: per prompt, num_images × (conditional,
+    unconditional). Needs only the tokenizer and config files, so the CLI checks a request before it loads."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        prompts = list(prompt)
+        if not prompts:
+            raise InputError(f"the {arg('prompt')} list is empty; pass at least one prompt")
+    else:
+        raise InputError(f"{arg('prompt')} must be a string or a list of strings, got {type(prompt).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InputError(f"{arg('prompt')}[{i}] must be a string, got {type(p).__name__}")
+    check_count("num_images", num_images)
+    n_tok, limit = cfg.num_image_tokens, cfg.language.max_position_embeddings
+    rows: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer.generation_prompt(p)
+        if len(ids) + n_tok > limit:
+            which = f"{arg('prompt')} {i + 1}" if len(prompts) > 1 else arg("prompt")
+            raise InputError(f"{which} is {len(ids)} tokens; with the {n_tok} image tokens that exceeds the model's "
+                             f"context of {limit} positions. Shorten it to at most {limit - n_tok} tokens")
+        # Unconditional row: every position but the first (BOS) and the last (<begin_of_image>) is pad.
+        uncond = [ids[0]] + [tokenizer.pad_id] * (len(ids) - 2) + [ids[-1]]
+        rows += [ids, uncond] * num_images
+    return rows
+
+
+def question_ids(tokenizer: JanusTokenizer, cfg: JanusConfig, question, max_new_tokens: int) -> list[int]:
+    """The understanding prompt's token ids (system prompt, image placeholders, question), checked against the
+    context. Needs only the tokenizer and config files."""
+    if not isinstance(question, str):
+        raise InputError(f"{arg('question')} must be a string, got {type(question).__name__}")
+    tag = tokenizer.processor.image_tag
+    if tag in question:
+        raise InputError(f"{arg('question')} must not contain the image tag {tag!r}; the image is inserted for you")
+    ids = tokenizer.understanding_prompt(question, cfg.vision.num_patches)
+    limit = cfg.language.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        fix = (f"lower {arg('max_new_tokens')} to {limit - len(ids)}" if len(ids) < limit else
+               f"shorten the {arg('question')}")
+        raise InputError(f"the {arg('question')} with its image is {len(ids)} tokens; with {arg('max_new_tokens')} "
+                         f"{max_new_tokens} that exceeds the model's context of {limit} positions: {fix}")
+    return ids
+
+
 def _serialised(method):
-    """One request at a time per pipeline: the static decode state (KV pool, sampler buffers, graphs) and
-    last_timings are shared by every call, so concurrent calls from several threads queue here."""
+    """One request at a time per pipeline: the static decode state (KV pool, sampler buffers, graphs) is shared
+    by every call, so concurrent calls from several threads queue here. The lock is re-entrant for the
+    pipeline's own nesting (generate_images → generate_image_tokens), but a user callback that calls back into
+    the pipeline it is called from is refused: it would run in the middle of the request and overwrite it."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
+            if self._in_callback:
+                raise InputError(f"{method.__name__}() was called from a callback of a request on the same "
+                                 "pipeline; it would overwrite that request's decode state. Collect what you need "
+                                 "in the callback and make the call after the request returns")
             if self._closed:
                 raise InputError("this pipeline was closed (pipe.close() or the end of its `with` block); "
                                  "load the model again with fastjanus.load()")
@@ -172,10 +225,11 @@ class JanusPipeline:
         self.cfg: JanusConfig = model.cfg
         self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
         self.backend, self.cuda_graphs, self.memory_plan = backend, cuda_graphs, memory_plan
-        self.last_timings: dict[str, float] = {}  # of the last finished request
+        self._timings = threading.local()  # last_timings: per thread, so that each sees its own request's
         self.load_timings: dict[str, float] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._in_callback = False
         # The static runtime (engine/graphs.py) drives the triton backend's loops; the torch backend keeps the
         # plain eager loops below (the reference). It refers back to this pipeline weakly, so dropping the
         # pipeline frees the KV pool at once rather than whenever the cycle collector runs.
@@ -186,6 +240,9 @@ class JanusPipeline:
         """Free the device memory now: the KV pool, the captured graphs and (this pipeline's reference to) the
         weights. Later calls raise. Safe to call twice; `with fastjanus.load(...) as pipe:` calls it."""
         with self._lock:
+            if self._in_callback:
+                raise InputError("close() was called from a callback of a request on this pipeline; close it after "
+                                 "the request returns")
             if self._closed:
                 return
             self._closed = True
@@ -200,6 +257,28 @@ class JanusPipeline:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def last_timings(self) -> dict:
+        """Timings of the last request that finished in this thread (prefill, decode, first token, ...)."""
+        return getattr(self._timings, "value", {})
+
+    @last_timings.setter
+    def last_timings(self, value: dict) -> None:
+        self._timings.value = value
+
+    def _guard(self, fn):
+        """A user callback, marked as such while it runs (see _serialised)."""
+        if fn is None:
+            return None
+
+        def call(*args):
+            self._in_callback = True
+            try:
+                return fn(*args)
+            finally:
+                self._in_callback = False
+        return call
+
     def __enter__(self) -> "JanusPipeline":
         return self
 
@@ -211,12 +290,6 @@ class JanusPipeline:
     def _seed(seed: int | None) -> int:
         check_seed(seed)
         return new_seed() if seed is None else seed
-
-    def _check_context(self, length: int, extra: int, what: str) -> None:
-        limit = self.cfg.language.max_position_embeddings
-        if length + extra > limit:
-            raise InputError(f"{what} is {length} tokens; with the {extra} tokens to generate that exceeds the "
-                             f"model's context of {limit} positions. Shorten it.")
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -234,28 +307,7 @@ class JanusPipeline:
 
     # -------------------------------------------------------------------------- text → image codes
     def _image_rows(self, prompt, num_images: int) -> list[list[int]]:
-        """The interleaved CFG token rows: per prompt, num_images × (conditional, unconditional)."""
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)):
-            prompts = list(prompt)
-            if not prompts:
-                raise InputError(f"the {arg('prompt')} list is empty; pass at least one prompt")
-        else:
-            raise InputError(f"{arg('prompt')} must be a string or a list of strings, got {type(prompt).__name__}")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise InputError(f"{arg('prompt')}[{i}] must be a string, got {type(p).__name__}")
-        check_count("num_images", num_images)
-        tk, n_tok = self.tokenizer, self.cfg.num_image_tokens
-        rows: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            ids = tk.generation_prompt(p)
-            self._check_context(len(ids), n_tok, f"prompt {i}" if len(prompts) > 1 else "the prompt")
-            # Unconditional row: every position but the first (BOS) and the last (<begin_of_image>) is pad.
-            uncond = [ids[0]] + [tk.pad_id] * (len(ids) - 2) + [ids[-1]]
-            rows += [ids, uncond] * num_images
-        return rows
+        return image_token_rows(self.tokenizer, self.cfg, prompt, num_images)
 
     def _image_prefill(self, prompt, num_images: int):
         """Prefill the interleaved CFG batch. Returns (last hidden [2N, D], cache, longest prompt T).
@@ -319,6 +371,7 @@ class JanusPipeline:
         check_sampling(temperature, top_k, top_p, cfg_weight)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
+        callback = self._guard(callback)
         seed = self._seed(seed)
         m, n_tok = self.model, self.cfg.num_image_tokens
         t0 = time.perf_counter()
@@ -425,15 +478,7 @@ class JanusPipeline:
         return self.model.encode_images(self._pixels(image))[0]
 
     def _understanding_inputs(self, image, question: str, max_new_tokens: int):
-        if not isinstance(question, str):
-            raise InputError(f"{arg('question')} must be a string, got {type(question).__name__}")
-        tag = self.tokenizer.processor.image_tag
-        if tag in question:
-            raise InputError(f"{arg('question')} must not contain the image tag {tag!r}; the image is inserted for you")
-        n_img = self.cfg.vision.num_patches
-        ids = self.tokenizer.understanding_prompt(question, n_img)
-        T = len(ids)
-        self._check_context(T, max_new_tokens, "the question with its image")
+        ids = question_ids(self.tokenizer, self.cfg, question, max_new_tokens)
         img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
         return ids, img
 
@@ -459,6 +504,7 @@ class JanusPipeline:
         check_sampling(temperature, top_k, top_p)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
+        callback = self._guard(callback)
         seed = self._seed(seed)
         t0 = time.perf_counter()
         ids, img = self._understanding_inputs(image, question, max_new_tokens)
@@ -507,7 +553,7 @@ class JanusPipeline:
         to the returned string."""
         if stream is not None and not callable(stream):
             raise InputError(f"stream must be callable or None, got {type(stream).__name__}")
-        ts = _TextStream(self.tokenizer, stream) if stream is not None else None
+        ts = _TextStream(self.tokenizer, self._guard(stream)) if stream is not None else None
         text = self.tokenizer.decode(self.answer_ids(image, question, max_new_tokens, temperature, seed, top_k, top_p,
                                                      callback=ts))
         if ts is not None:
