@@ -122,7 +122,6 @@ def environment(dry_run: bool) -> dict:
             env["gpu"] = json.loads(probe.splitlines()[-1])
         except (AttributeError, IndexError, json.JSONDecodeError):
             env["gpu"] = {"name": "unknown GPU (the probe failed)"}
-        env["driver"] = _run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return env
 
 
@@ -269,16 +268,13 @@ class Pass:
         self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")
 
     def run(self) -> int:
-        self.log.write(f"# fastjanus GPU pass: {' '.join(self.argv)}\n# environment\n"
+        self.log.write(f"# fastjanus GPU pass: {shlex.join(self.argv)}\n# environment\n"
                        f"{json.dumps(self.env, indent=1)}\n")
         self.write_report(False)
-        status = {}
+        by_name = {s.name: s for s in self.steps}
         for i, s in enumerate(self.steps):
-            if s.needs is not None and status.get(s.needs) != "ok":
-                s.record = {"status": "skipped", "reason": f"needs {s.needs}, which did not succeed"}
-                status[s.name] = "skipped"
-                self.echo(f"[{self.elapsed():5.0f} s] {s.name}: skipped ({s.record['reason']})")
-                self.write_report(False)
+            if s.needs is not None and by_name[s.needs].record.get("status") != "ok":
+                self._skip(s, f"needs {s.needs}, which did not succeed")
                 continue
             later = sum(t.min_s for t in self.steps[i + 1:])
             left = self.budget_s - MARGIN_S - self.elapsed()
@@ -287,10 +283,7 @@ class Pass:
                        f"{later:.0f} s")
                 if left >= s.min_s:  # it alone would fit: a later, cheaper step is what it would starve
                     why += " (run it in a pass of its own, or raise --budget-s)"
-                s.record = {"status": "skipped", "reason": why}
-                status[s.name] = "skipped"
-                self.echo(f"[{self.elapsed():5.0f} s] {s.name}: skipped ({why})")
-                self.write_report(False)
+                self._skip(s, why)
                 continue
             allowed = left - later
             cmd = list(s.cmd)
@@ -320,19 +313,18 @@ class Pass:
                 s.record["bench"] = bench_notes(self.out / s.outputs[0])
             self.echo(f"[{self.elapsed():5.0f} s] {s.name}: {s.record['status']} in {s.record['seconds']:.0f} s"
                       + (f" ({_fmt_tests(s.record['tests'])})" if "tests" in s.record else ""))
-            status[s.name] = s.record["status"]
             self._cap_log()
             self.write_report(False)
         self.log.write(f"\n# pass done in {self.elapsed():.0f} s\n")
+        self._cap_log()
         self.log.close()
-        self._cap_log_closed()
         self.write_report(True)
         return 0 if all(s.record.get("status") == "ok" for s in self.steps) else 1
 
-    def _cap_log_closed(self) -> None:
-        self.log = open(self.log_path, "a", encoding="utf-8", errors="replace")
-        self._cap_log()
-        self.log.close()
+    def _skip(self, s: Step, why: str) -> None:
+        s.record = {"status": "skipped", "reason": why}
+        self.echo(f"[{self.elapsed():5.0f} s] {s.name}: skipped ({why})")
+        self.write_report(False)
 
 
 def bench_notes(path: Path) -> dict:

@@ -160,8 +160,9 @@ def _triton_version() -> str:
 
 
 def _scenario(name: str, num_images, times: list[float], **extra) -> dict:
-    d = {"name": name, "num_images": num_images, **_stats(times), "decode_step_ms": None, "bytes_per_step": None,
-         "bandwidth_gbs": None, "roofline_fraction": None, "peak_mem_bytes": None, "baselines": {}}
+    d = {"name": name, "num_images": num_images, **_stats(times), "runs": len(times), "decode_step_ms": None,
+         "bytes_per_step": None, "bandwidth_gbs": None, "roofline_fraction": None, "peak_mem_bytes": None,
+         "baselines": {}}
     d.update(extra)
     return d
 
@@ -175,8 +176,8 @@ class _Runner:
     """Runs one scenario's callable with warm-up, repeats and progress; each call gets the repeat index.
 
     With a deadline (--time-limit), no run starts once the deadline has passed or when the last run's
-    duration says it would end after it; a scenario keeps the timed runs it has (its `repeats_done` says how
-    many), and one with none raises OutOfTime."""
+    duration says it would end after it; a scenario keeps the timed runs it has (its `runs` says how many),
+    and one with none raises OutOfTime."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, deadline: float | None = None):
         self.cfg, self.device, self.deadline = cfg, device, deadline
@@ -361,6 +362,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
     pending: list[tuple[dict, str]] = []  # (scenario, kind) for the baselines, run after every fastjanus scenario
     skipped: dict[str, str] = {}
     failed: dict[str, dict[str, str]] = {}
+    versions = package_versions()  # once: the report is rebuilt after every scenario
 
     def report(partial: bool) -> dict:
         L = jc.language
@@ -376,7 +378,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
                 "pool_bytes": plan.pool_bytes, "buckets": plan.buckets, "max_len": plan.max_len,
                 "source": plan.source},
             "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
-            "versions": package_versions(),
+            "versions": versions,
             "quantization": None,
             "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                        "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
@@ -423,7 +425,6 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
                        prompt_len=statistics.mean(r["prompt_len"] for r in rows), peak_mem_bytes=_peak(device))
         steps = rows[0]["steps"] - 1  # decode forwards; the first code comes from the prefill's hidden state
         decode_roof(sc, sc["breakdown"]["decode_s"] / steps, rl.mean_image_step_bytes(jc, elem, n, sc["prompt_len"]))
-        sc["runs"] = len(rows)
         if throughput:
             sc["images_per_s"] = n / sc["median_s"]
             sc["batch_rule"] = why
@@ -446,7 +447,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         peak = _peak(device)
         with torch.inference_mode():
             flops = rl.count_flops(lambda: fn(rows[0]["x"]))
-        sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops, runs=len(rows))
+        sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops)
         sc["tflops"] = flops / sc["median_s"] / 1e12
         sc["roofline_fraction"] = sc["tflops"] / tflops
         scenarios.append(sc)
@@ -472,10 +473,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
                                  cfg.repeats)
             peak = _peak(device)
             plen = statistics.mean(r["prompt_len"] for r in rows)
-            ttft = _scenario("understand-ttft", 1, [r["ttft_s"] for r in rows], peak_mem_bytes=peak, prompt_len=plen,
-                             runs=len(rows))
+            ttft = _scenario("understand-ttft", 1, [r["ttft_s"] for r in rows], peak_mem_bytes=peak, prompt_len=plen)
             dec = _scenario("understand-decode", 1, [r["decode_s"] for r in rows], peak_mem_bytes=peak,
-                            prompt_len=plen, new_tokens=n, runs=len(rows))
+                            prompt_len=plen, new_tokens=n)
             dec["tokens_per_s"] = (n - 1) / dec["median_s"]
             decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1))
             scenarios.extend([ttft, dec])

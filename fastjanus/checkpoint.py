@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, strip_ansi
 
 # Search order when a directory holds several layouts.
 LAYOUTS = [
@@ -62,14 +61,6 @@ def find_weights(model_dir: str | Path) -> WeightFiles:
 
 
 # ------------------------------------------------------------------------------------------ readers
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    """Terminal colour codes out (torch embeds them in some messages; they garble logs and files)."""
-    return _ANSI.sub("", text)
-
-
 def _unpickle_reason(e: Exception) -> str:
     """The line of torch's weights_only refusal that names the offending global; not its advice, which is to
     load the file unsafely."""

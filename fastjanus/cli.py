@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import sys
 import time
 from pathlib import Path
 
-from .errors import FastJanusError, InputError, cli_style
+from .errors import FastJanusError, InputError, cli_style, strip_ansi
 
 MODEL_HELP = ("checkpoint folder in the official hub layout (config.json, weights, tokenizer files). Without it, "
               "a tiny RANDOM checkpoint is written once to the cache ($FASTJANUS_CACHE, else ~/.cache/fastjanus) "
@@ -42,21 +41,13 @@ _GRAPHS = {"auto": "auto", "on": True, "off": False}
 
 
 def _check_runtime_flags(args) -> None:
-    """--device, --dtype, --backend, --cuda-graphs, --max-rows, --max-len: before any model is read."""
-    from .engine.pipeline import resolve_backend, resolve_cuda_graphs, resolve_device_dtype
+    """--device, --dtype, --backend, --cuda-graphs, --max-rows, --max-len: the checks load() makes, before any
+    model is read (those that need the model's config come with load)."""
+    from .engine.pipeline import check_static_options, resolve_backend, resolve_cuda_graphs, resolve_device_dtype
     dev, _ = resolve_device_dtype(args.device, args.dtype)
     backend = resolve_backend(args.backend, dev)
     resolve_cuda_graphs(_GRAPHS[args.cuda_graphs], dev, backend)
-    for name in ("max_rows", "max_len"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if getattr(args, "max_rows", None) is not None and args.max_rows % 2:
-        raise InputError(f"--max-rows must be even (two rows per image: conditional + unconditional), got "
-                         f"{args.max_rows}")
-    if backend != "triton" and (getattr(args, "max_rows", None) or getattr(args, "max_len", None)):
-        raise InputError("--max-rows/--max-len size the static decode state of the triton backend; drop them or "
-                         "use --backend triton")
+    check_static_options(backend, args.max_rows, args.max_len)
 
 
 def _model_files(path: Path):
@@ -127,14 +118,13 @@ def save_images(images, out: Path, seed: int) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
-    from .engine.pipeline import check_count, check_sampling, check_seed
+    from .engine.pipeline import check_count, check_sampling, check_seed, image_token_rows
     check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
     check_count("num_images", args.num_images)
     check_seed(args.seed)
     _check_runtime_flags(args)
     out = prepare_out_dir(args.out)
     path = _model_arg(args)
-    from .engine.pipeline import image_token_rows
     cfg, tk = _model_files(path)
     image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
     seed = _seed(args, matters=args.temperature > 0)
@@ -156,7 +146,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_understand(args) -> int:
-    from .engine.pipeline import check_count, check_sampling, check_seed
+    from .engine.pipeline import check_count, check_sampling, check_seed, question_ids
     from .image import load_image
     check_count("max_new_tokens", args.max_new_tokens)
     check_sampling(args.temperature, args.top_k, args.top_p)
@@ -164,7 +154,6 @@ def cmd_understand(args) -> int:
     _check_runtime_flags(args)
     image = load_image(args.image)
     path = _model_arg(args)
-    from .engine.pipeline import question_ids
     cfg, tk = _model_files(path)
     question_ids(tk, cfg, args.question, args.max_new_tokens)  # the image tag, the length: before loading
     seed = _seed(args, matters=args.temperature > 0)
@@ -174,7 +163,7 @@ def cmd_understand(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     pipe.answer(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       seed=seed, top_k=args.top_k, top_p=args.top_p, stream=show)
+                seed=seed, top_k=args.top_k, top_p=args.top_p, stream=show)
     print()
     tm = pipe.last_timings
     print(f"{tm['new_tokens']} tokens in {tm['total_s']:.2f} s (first token after {tm['time_to_first_token_s']:.3f} s)"
@@ -398,15 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, FastJanusError) and e.strerror:
         msg = e.strerror + (f": {e.filename}" if e.filename else "")
     else:
         msg = str(e)
-    return " ".join(_ANSI.sub("", msg).split())
+    return " ".join(strip_ansi(msg).split())
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ render as keyword arguments by default and as flags inside `cli_style()` (what `
 from __future__ import annotations
 
 import contextvars
+import re
 from contextlib import contextmanager
 
 
@@ -28,6 +29,14 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class InputError(FastJanusError, ValueError):
     """A call argument (prompt, image, sampling option) is out of range."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """Terminal colour codes out (torch embeds them in some messages; they garble logs and files)."""
+    return _ANSI.sub("", text)
 
 
 # ------------------------------------------------------------------------- naming what the user passed

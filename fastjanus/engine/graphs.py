@@ -26,7 +26,6 @@ from .memory import MemoryPlan
 from .sampling import KernelSampler
 
 TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
-TEXT_WARMUP_CAPACITY = 1024  # the one-row text state warmed up at load: what a ~600-token prompt + 256 new tokens use
 
 
 class KVPool:
@@ -186,8 +185,10 @@ class DecodeRuntime:
             d = self._decoder(rows, self.plan.capacity(rows), True, top_k, self.plan.image_tokens)
             d.warm()
             done.append(rows)
-        cap = min(TEXT_WARMUP_CAPACITY, self.plan.context, self.plan.pool_slots)
-        self._decoder(1, cap, False, top_k, cap).warm()  # text_tokens() asks for this key for most questions
+        # the smallest text capacity the plan hands out (1024 slots, or less on a small plan): what text_tokens()
+        # asks for whenever prompt + answer fit it, as a ~600-token question with 256 new tokens does
+        cap = self.plan.text_capacity(1, 1)
+        self._decoder(1, cap, False, top_k, cap).warm()
         return done
 
     def image_codes(self, rows_tokens: list[list[int]], cfg_weight: float, temperature: float, seed: int,
@@ -252,16 +253,15 @@ class DecodeRuntime:
             k = min(TEXT_CHUNK, max_new_tokens - done)
             d.run(k)
             done += k
-            if callback is not None:  # one copy per chunk, which also serves the EOS check
-                new = hist[done - k:done].tolist()
-                stop = not ignore_eos and eos_id in new
-                if stop:
-                    new = new[:new.index(eos_id)]
-                if new:
-                    callback(new)
-                if stop:
-                    break
-            elif not ignore_eos and bool((hist[done - k:done] == eos_id).any()):
+            if ignore_eos and callback is None:
+                continue  # nothing to look at: no host sync until the end
+            new = hist[done - k:done].tolist()  # one copy per chunk: the EOS check and the streamed tokens
+            stop = not ignore_eos and eos_id in new
+            if stop:
+                new = new[:new.index(eos_id)]
+            if callback is not None and new:
+                callback(new)
+            if stop:
                 break
         out = hist[:done].tolist()
         if not ignore_eos and eos_id in out:

@@ -140,18 +140,21 @@ class MemoryPlan:
         return min(size, cap)
 
 
-def check_plan_overrides(cfg: JanusConfig, max_rows, max_len) -> None:
-    """max_rows / max_len as given to load(): checked before any weight is read."""
-    context = cfg.language.max_position_embeddings
+def check_plan_overrides(max_rows, max_len, cfg: JanusConfig | None = None) -> None:
+    """max_rows / max_len as given to load(): checked before any weight is read; against the model's context
+    and image tokens when its config is given (the CLI checks the rest before it has read one)."""
     for name, v in (("max_rows", max_rows), ("max_len", max_len)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise InputError(f"{arg(name)} must be a positive integer (or left out), got {v!r}")
     if max_rows is not None and max_rows % 2:
         raise InputError(f"{arg('max_rows')} must be even (two rows per image: conditional + unconditional), got "
                          f"{max_rows}")
-    if max_len is not None and max_len > context:
+    if cfg is None or max_len is None:
+        return
+    context = cfg.language.max_position_embeddings
+    if max_len > context:
         raise InputError(f"{arg('max_len')} {max_len} exceeds the model's context of {context} positions")
-    if max_len is not None and max_len < cfg.num_image_tokens + 2:
+    if max_len < cfg.num_image_tokens + 2:
         raise InputError(f"{arg('max_len')} {max_len} holds no image: one needs its {cfg.num_image_tokens} image "
                          f"tokens plus the prompt; use at least {cfg.num_image_tokens + 64} or leave it out")
 
@@ -163,7 +166,7 @@ def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows
     L = cfg.language
     context, n_img = L.max_position_embeddings, cfg.num_image_tokens
     kvpt = kv_bytes_per_token(L, elem)
-    check_plan_overrides(cfg, max_rows, max_len)
+    check_plan_overrides(max_rows, max_len, cfg)
     cap_len = max_len if max_len is not None else min(context, n_img + PROMPT_ROOM)
     rows_cap = max_rows if max_rows is not None else MAX_BUCKET_ROWS
     per_image_vq = vq_decode_bytes(cfg, 1, elem)

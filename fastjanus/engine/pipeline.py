@@ -102,10 +102,14 @@ def check_sampling(temperature, top_k=None, top_p=None, cfg_weight=None) -> None
         raise InputError(f"{arg('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if cfg_weight is not None and (not _number(cfg_weight) or cfg_weight < 0):
         raise InputError(f"{arg('cfg_weight')} must be a finite number >= 0, got {cfg_weight!r}")
-    if top_k is not None and not _positive_int(top_k):
-        raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
+    check_top_k(top_k)
     if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
         raise InputError(f"{arg('top_p')} must be in (0, 1] (or left out), got {top_p!r}")
+
+
+def check_top_k(top_k) -> None:
+    if top_k is not None and not _positive_int(top_k):
+        raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
 
 
 def check_count(name: str, value) -> None:
@@ -301,8 +305,7 @@ class JanusPipeline:
         largest first, so the smaller graphs reuse the largest one's memory), plus the one-row text state of
         the usual size. Otherwise this happens on each bucket's first request, inside its time.
         `load(..., warmup=True)` calls this. Returns the image bucket sizes in rows; [] without the runtime."""
-        if top_k is not None and not _positive_int(top_k):
-            raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
+        check_top_k(top_k)
         return self.runtime.warmup(top_k) if self.runtime is not None else []
 
     # -------------------------------------------------------------------------- text → image codes
@@ -581,6 +584,15 @@ def resolve_cuda_graphs(cuda_graphs, device: torch.device, backend: str) -> bool
     return bool(cuda_graphs)
 
 
+def check_static_options(backend: str, max_rows, max_len, cfg: JanusConfig | None = None) -> None:
+    """max_rows / max_len: valid, and only with the triton backend (whose static state they size). With cfg,
+    also against the model (context, image tokens)."""
+    check_plan_overrides(max_rows, max_len, cfg)
+    if backend != "triton" and (max_rows is not None or max_len is not None):
+        raise InputError(f"{arg('max_rows')}/{arg('max_len')} size the static decode state of the triton backend; "
+                         f"the torch backend allocates per request. Drop them or use {setting('backend', 'triton')}")
+
+
 def check_model_dir(path) -> Path:
     """The checkpoint folder must exist and be a folder (a file here is a common slip: config.json itself)."""
     path = Path(path)
@@ -636,10 +648,7 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
                           f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
     with torch.device("meta"):
         model = JanusModel(cfg)
-    check_plan_overrides(cfg, max_rows, max_len)
-    if backend != "triton" and (max_rows is not None or max_len is not None):
-        raise InputError(f"{arg('max_rows')}/{arg('max_len')} size the static decode state of the triton backend; "
-                         f"the torch backend allocates per request. Drop them or use {setting('backend', 'triton')}")
+    check_static_options(backend, max_rows, max_len, cfg)
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
     model.eval()
     plan = None
