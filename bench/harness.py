@@ -325,6 +325,16 @@ def largest_batch(pipe, cfg: BenchConfig, prompt_len: int) -> tuple[int, str]:
 BASELINE_FIRST_RUN_GUESS = 10  # a baseline's first run is guessed at 10x fastjanus's median (the speed target)
 
 
+def step_kernels(pipe) -> dict | str:
+    """Kernels of one image and one text decode step (bench/step_kernels.py), or why they could not be counted:
+    the count is a side result and never stops the benchmark."""
+    try:
+        from .step_kernels import count_pipeline
+        return count_pipeline(pipe)
+    except Exception as e:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_update=None) -> dict:
     """Every scenario, then the baselines; returns the report. on_update(report) gets the report so far after
     each scenario and each baseline (`partial: true`), so that a run stopped from outside still leaves one."""
@@ -343,6 +353,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
     log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend, "
         f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) in {pipe.load_timings['load_s']:.1f} s, "
         f"warm-up (capture) {pipe.load_timings['warmup_s']:.1f} s")
+    kernels = step_kernels(pipe)
     jc = pipe.cfg
     model, plan = pipe.model, pipe.memory_plan
     load_timings = dict(pipe.load_timings)
@@ -379,6 +390,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
                 "source": plan.source},
             "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
             "versions": versions,
+            "step_kernels": kernels,
             "quantization": None,
             "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                        "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
@@ -614,6 +626,12 @@ def format_table(rep: dict) -> str:
             lines.append(" " * 19 + "; ".join(extra))
     lines.append("roof: decode steps = achieved GB/s / copy bandwidth; siglip and vq-decode = TFLOP/s / matmul. "
                  "Baseline columns: its median and fastjanus's speed-up over it.")
+    sk = rep.get("step_kernels")
+    if isinstance(sk, dict):
+        lines.append("kernels per decode step: " + ", ".join(
+            f"{k} {v['total']} ({v['aten']} aten + {v['triton']} triton"
+            + (f"; graph replay {v['graph_replay']['total']}" if "graph_replay" in v else "") + ")"
+            for k, v in sk.items()))
     for b, why in rep["baselines_skipped"].items():
         lines.append(f"baseline {b} skipped: {why}")
     for b, errs in rep.get("baselines_failed", {}).items():

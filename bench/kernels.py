@@ -9,6 +9,12 @@ reference with `triton.testing.do_bench` (CUDA events; L2 flushed before every r
 move at minimum, the achieved GB/s and its fraction of the measured copy bandwidth. `--dry-run` runs the same
 code on the CPU through Triton's interpreter at toy shapes, timed with the host clock: it checks the plumbing
 (the GPU pass's dry run uses it); its numbers mean nothing.
+
+The torch side of `add_rmsnorm`, `silu_mul` and `decode_attention+rope` is what the decode step ran before
+those kernels: `x + residual` then the Llama `RMSNorm` module; `F.silu(gate) * up` on the halves of the [M, 2I]
+GEMM output; the rotary in torch (`rotary_cos_sin` at the rows' lengths, `apply_rotary` on q and k) then the
+kernel without `rope`. That sequence computed cos/sin once per step for all layers, so its row also gives
+`cos_sin_ms` alone: per layer, the torch side cost `torch_ms` less (layers − 1)/layers of it.
 """
 from __future__ import annotations
 
@@ -23,20 +29,23 @@ from dataclasses import dataclass
 
 import torch
 
-# Shapes from the issue: Pro-1B has 16 heads × 128, Pro-7B 32 × 128 (both MHA); a 576-token image after a
-# prompt of up to ~124 tokens means KV lengths up to 700; 2 rows = 1 image with CFG, 32 rows = 16 images.
-ATTN_SHAPES = [("janus-pro-1b", 16, 128), ("janus-pro-7b", 32, 128)]
-ROWS = [2, 32]
+# Shapes from the issue, per preset (`fastjanus.config`): Pro-1B D 2048, I 5632, 16 heads × 128; Pro-7B D 4096,
+# I 11008, 32 × 128 (both MHA). A 576-token image after a prompt of up to ~124 tokens means KV lengths up to
+# 700; the rotary comparison runs at ~600. 2 rows = 1 image with CFG, 8 = 4 images, 32 = 16 images.
+ARCHS = ["janus-pro-1b", "janus-pro-7b"]
+ROWS = [2, 8, 32]
 KV_LEN = 700
+ROPE_KV_LEN = 600
 CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID = 16384, 8, 256, 24
 IMAGES = (1, 16)
 
 
 @dataclass(frozen=True)
 class Shapes:
-    attn: list
+    archs: list  # preset names: hidden, intermediate, heads, head dim, eps and rope theta come from the config
     rows: list
     kv_len: int
+    rope_kv_len: int
     codebook: int
     embed_dim: int
     z_channels: int
@@ -44,16 +53,28 @@ class Shapes:
     images: tuple
 
 
-PUBLISHED = Shapes(ATTN_SHAPES, ROWS, KV_LEN, CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID, IMAGES)
-TOY = Shapes([("toy", 2, 16)], [2], 20, 256, 8, 16, 4, (1,))  # --dry-run: seconds in the interpreter
+PUBLISHED = Shapes(ARCHS, ROWS, KV_LEN, ROPE_KV_LEN, CODEBOOK, EMBED_DIM, Z_CHANNELS, GRID, IMAGES)
+TOY = Shapes(["tiny"], [2], 20, 20, 256, 8, 16, 4, (1,))  # --dry-run: seconds in the interpreter
 
 
-def attention_bytes(rows: int, kv_heads: int, length: int, head_dim: int, elem: int, heads: int | None = None) -> int:
+def attention_bytes(rows: int, kv_heads: int, length: int, head_dim: int, elem: int, heads: int | None = None,
+                    rope: bool = False) -> int:
     """Minimum traffic of one decode-attention call: K and V of `length` cached slots read, the new K/V slot
-    written (and read from its input), q read and the output written."""
+    written (and read from its input), q read and the output written; with `rope`, each row's fp32 cos/sin row
+    of the table (2 × head_dim/2 × 4 bytes) read too."""
     heads = kv_heads if heads is None else heads
     kv = rows * kv_heads * head_dim * elem * (2 * length + 4)
-    return kv + 2 * rows * heads * head_dim * elem
+    return kv + 2 * rows * heads * head_dim * elem + (rows * head_dim * 4 if rope else 0)
+
+
+def add_rmsnorm_bytes(rows: int, dim: int, elem: int) -> int:
+    """x and the residual read, the new residual and the normed output written, the weight read once."""
+    return (4 * rows + 1) * dim * elem
+
+
+def silu_mul_bytes(rows: int, intermediate: int, elem: int) -> int:
+    """gate and up read (the [M, 2I] GEMM output), silu(gate) · up [M, I] written."""
+    return 3 * rows * intermediate * elem
 
 
 def sample_bytes(rows: int, vocab: int, elem: int) -> int:
@@ -88,20 +109,25 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, device: str = "cuda", timer=_media
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _row(name, shape, ms, ref_ms, nbytes, bw):
+def _row(name, shape, ms, ref_ms, nbytes, bw, **extra):
     gbs = nbytes / (ms * 1e-3) / 1e9
     return {"kernel": name, "shape": shape, "ms": ms, "torch_ms": ref_ms, "speedup": ref_ms / ms, "bytes": nbytes,
-            "gbs": gbs, "roofline_fraction": gbs / bw}
+            "gbs": gbs, "roofline_fraction": gbs / bw, **extra}
 
 
 def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
+    import torch.nn.functional as F
     import triton
 
+    from ..config import preset
     from ..engine.sampling import cfg_mix
+    from ..kernels.activation import silu_mul
     from ..kernels.cfg_sample import cfg_sample
     from ..kernels.decode_attention import decode_attention
-    from ..kernels.reference import decode_attention_ref, vq_lookup_ref
+    from ..kernels.reference import decode_attention_ref, rope_table, vq_lookup_ref
+    from ..kernels.rmsnorm import add_rmsnorm
     from ..kernels.vq_lookup import vq_lookup
+    from ..models.llama import RMSNorm, apply_rotary, rotary_cos_sin
 
     elem = torch.empty(0, dtype=dtype).element_size()
     dev, sh = ("cpu", TOY) if dry_run else ("cuda", PUBLISHED)
@@ -113,19 +139,69 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
     def r(*s):
         return torch.randn(*s, generator=gen, device=dev).to(dtype)
 
-    for arch, heads, hd in sh.attn:
+    for arch in sh.archs:
+        c = preset(arch).language
+        heads, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         for rows in sh.rows:
             S = sh.kv_len + 1
-            q, kn, vn = r(rows, heads, hd), r(rows, heads, hd), r(rows, heads, hd)
-            kc, vc = r(rows, heads, S, hd), r(rows, heads, S, hd)
+            q, kn, vn = r(rows, heads, hd), r(rows, hkv, hd), r(rows, hkv, hd)
+            kc, vc = r(rows, hkv, S, hd), r(rows, hkv, S, hd)
             L = torch.full((rows,), sh.kv_len - 1, dtype=torch.int32, device=dev)  # attend over kv_len slots
             out = torch.empty_like(q)
             ms = timer(lambda: decode_attention(q, kn, vn, kc, vc, L, out=out))
             # torch reference: index_put append + SDPA with a [rows, 1, 1, S] mask (what backend="torch" runs)
             ref_ms = timer(lambda: decode_attention_ref(q, kn, vn, kc, vc, L, bound=sh.kv_len))
-            results.append(_row("decode_attention", {"arch": arch, "rows": rows, "heads": heads, "head_dim": hd,
-                                                     "kv_len": sh.kv_len}, ms, ref_ms,
-                                attention_bytes(rows, heads, sh.kv_len - 1, hd, elem, heads), bw))
+            results.append(_row("decode_attention", {"arch": arch, "rows": rows, "heads": heads, "kv_heads": hkv,
+                                                     "head_dim": hd, "kv_len": sh.kv_len}, ms, ref_ms,
+                                attention_bytes(rows, hkv, sh.kv_len - 1, hd, elem, heads), bw))
+
+        for rows in sh.rows:
+            S = sh.rope_kv_len + 1
+            table = rope_table(S, hd, c.rope_theta, dev)
+            qkv = r(rows, (heads + 2 * hkv) * hd)  # the fused QKV GEMM's output; q, k, v are views of it
+            q, kn, vn = (t.unflatten(-1, (-1, hd)) for t in qkv.split((heads * hd, hkv * hd, hkv * hd), -1))
+            kc, vc = r(rows, hkv, S, hd), r(rows, hkv, S, hd)
+            L = torch.full((rows,), sh.rope_kv_len - 1, dtype=torch.int32, device=dev)
+            out = torch.empty_like(q)
+            ms = timer(lambda: decode_attention(q, kn, vn, kc, vc, L, rope=table, out=out))
+            # before: three projections (contiguous q, k, v), cos/sin per step, apply_rotary, the kernel
+            q0, k0, v0 = q.contiguous(), kn.contiguous(), vn.contiguous()
+
+            def cos_sin():
+                cos, sin = rotary_cos_sin(L[:, None], hd, c.rope_theta, dtype)
+                return cos[:, :, 0], sin[:, :, 0]  # [rows, 1, hd]: the same rotation for every head
+
+            def unfused():
+                cos, sin = cos_sin()
+                decode_attention(apply_rotary(q0, cos, sin), apply_rotary(k0, cos, sin), v0, kc, vc, L, out=out)
+
+            ref_ms = timer(unfused)
+            results.append(_row("decode_attention+rope", {"arch": arch, "rows": rows, "heads": heads,
+                                                          "kv_heads": hkv, "head_dim": hd, "kv_len": sh.rope_kv_len},
+                                ms, ref_ms, attention_bytes(rows, hkv, sh.rope_kv_len - 1, hd, elem, heads, rope=True),
+                                bw, cos_sin_ms=timer(cos_sin)))
+
+        for rows in sh.rows:
+            D = c.hidden_size
+            # x small: the kernel adds it into the residual in place on every repeat, which must stay finite
+            x, res, w = r(rows, D) * 1e-3, r(rows, D), r(D)
+            norm = RMSNorm(D, c.rms_norm_eps).to(dev, dtype)
+            norm.weight.requires_grad_(False).copy_(w)
+            out = torch.empty_like(x)
+            ms = timer(lambda: add_rmsnorm(x, weight=w, eps=c.rms_norm_eps, residual=res, out=out))
+            ref_ms = timer(lambda: norm(x + res))
+            results.append(_row("add_rmsnorm", {"arch": arch, "rows": rows, "hidden": D}, ms, ref_ms,
+                                add_rmsnorm_bytes(rows, D, elem), bw))
+
+        for rows in sh.rows:
+            inter = c.intermediate_size
+            gate_up = r(rows, 2 * inter)
+            g, u = gate_up.chunk(2, dim=-1)
+            out = torch.empty(rows, inter, dtype=dtype, device=dev)
+            ms = timer(lambda: silu_mul(gate_up, out=out))
+            ref_ms = timer(lambda: F.silu(g) * u)
+            results.append(_row("silu_mul", {"arch": arch, "rows": rows, "intermediate": inter}, ms, ref_ms,
+                                silu_mul_bytes(rows, inter, elem), bw))
 
     for rows in sh.rows:
         logits = r(rows, sh.codebook)
@@ -162,12 +238,13 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
 
 def format_table(report: dict) -> str:
     lines = ["*** DRY RUN: interpreter on the CPU, toy shapes; NOT kernel figures ***"] if report.get("dry_run") else []
+    shapes = [" ".join(f"{k}={v}" for k, v in r["shape"].items()) for r in report["results"]]
+    w = max(map(len, shapes), default=0)
     lines += [f"{report['device']}  {report['dtype']}  torch {report['torch']}  triton {report['triton']}  "
              f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s",
-             f"{'kernel':28s} {'shape':52s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
-    for r in report["results"]:
-        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
-        lines.append(f"{r['kernel']:28s} {shape:52s} {r['ms']:8.4f} {r['torch_ms']:9.4f} {r['speedup']:6.1f} "
+             f"{'kernel':28s} {'shape':{w}s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
+    for r, shape in zip(report["results"], shapes):
+        lines.append(f"{r['kernel']:28s} {shape:{w}s} {r['ms']:8.4f} {r['torch_ms']:9.4f} {r['speedup']:6.1f} "
                      f"{r['gbs']:7.0f} {r['roofline_fraction']:5.0%}")
     return "\n".join(lines)
 

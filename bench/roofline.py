@@ -16,10 +16,10 @@ import torch
 from ..config import JanusConfig, LlamaConfig
 from ..engine.memory import kv_bytes_per_token
 
-# Checkpoint tensors read on every image-generation step: the decoder, its final norm, the generation head
-# (an MLP to the 16384 codes) and the generation aligner (code embedding → D). The code embedding table
-# (`gen_embed`, 16384 × 8) is gathered a row per token, not read whole.
-IMAGE_STEP_PREFIXES = ("language_model.model.layers.", "language_model.model.norm.", "gen_head.", "gen_aligner.")
+# Checkpoint tensors read on every image-generation step: the decoder, its final norm and the generation head
+# (an MLP to the 16384 codes). The code embedding (`gen_embed` → `gen_aligner`) is precomputed at load as a
+# [16384, D] table (models/janus.py) that a step gathers a row per token from, so neither is read whole.
+IMAGE_STEP_PREFIXES = ("language_model.model.layers.", "language_model.model.norm.", "gen_head.")
 # Text decoding: the decoder, its norm and the text head (lm_head, vocab × D); one embedding row per token.
 TEXT_STEP_PREFIXES = ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head.")
 

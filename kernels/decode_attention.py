@@ -1,20 +1,31 @@
-"""Flash-decoding attention: one new query per row against the static KV cache, appending the new K/V.
+"""Flash-decoding attention: one new query per row against the static KV cache, appending the new K/V, with
+the rotary embedding applied inside (so a decode step launches no rotary kernels and recomputes no cos/sin).
 
 Cache layout (one layer): k_cache, v_cache [B, Hkv, S, D]; row b holds lengths[b] tokens at slots
 0..lengths[b]−1 (prompts of different lengths share a batch; nothing is padded on the left).
 The new token's key/value go to slot lengths[b]; the query attends over slots 0..lengths[b].
+q, k_new and v_new may be views of one fused QKV projection output (any row and head strides).
 
-Pass 1, grid [B·Hkv, splits]: program (b, kv head, s) covers slots [s·split_len, (s+1)·split_len) ∩ [0, lengths[b])
-for all GROUP query heads that share the kv head, with an online softmax in fp32 (exp2, the scale folded
-into q). The program whose range holds slot lengths[b] also folds in the new token, taken from k_new/v_new
-rather than from the cache, and writes it to the cache: no program reads that slot, so there is no race and
-no separate append launch. Pass 2, grid [B·H], merges the splits' (max, sum, acc) into the output.
+Rotary (rope = [P, 2, D/2] fp32 table of cos and sin per position, rotate-half layout): q and k_new are
+rotated in fp32 at position lengths[b], read on the device; the rotated key is rounded to the cache dtype
+when it is stored, exactly as the torch reference (`reference.rope_ref`) does.
 
-The grid depends only on B, Hkv and the cache capacity S, never on the lengths, so it replays in a CUDA Graph.
-Torch reference: `reference.decode_attention_ref`.
+Pass 1, grid [B·Hkv, splits]: the splits are sized from the live length of each row, read on the device:
+split_len = ⌈(lengths[b] + 1) / splits⌉ rounded up to BLOCK_N, so a short row spreads its few blocks over the
+programs and the programs past its end do nothing (their loop is empty and they store nothing). Program
+(b, kv head, s) serves all GROUP query heads that share the kv head, so K and V are read once per step; the
+GQA group, padded to 16 rows, is the M dimension of tensor-core dot products (QK and PV, in the cache dtype
+with fp32 accumulation; fp32 caches use exact fp32 dots). Online softmax in fp32 (exp2, the scale folded into
+q). The program whose range holds slot lengths[b] folds in the new token from k_new/v_new (not from the
+cache) and writes it to the cache: no program reads that slot, so there is no race and no separate append
+launch. Pass 2, grid [B·H], merges the live splits' (max, sum, acc).
+
+The grid depends only on B, Hkv and the split count, never on the lengths, so it replays in a CUDA Graph.
+Torch reference: `reference.decode_attention_ref` (with `reference.rope_ref` for the rotary).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,54 +36,94 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _rotate(x, x_ptrs_partner, pmask, rope_ptr, pos, d, HALF: tl.constexpr):
+    """x [R, D] fp32 rotated by the rotary angle of position `pos` (rotate-half layout): for d < D/2,
+    x·cos − x[d + D/2]·sin; for d ≥ D/2, x·cos + x[d − D/2]·sin. The partner values are loaded again from
+    memory (x_ptrs_partner) instead of shuffled in registers: the same cache lines, a few bytes."""
+    i = d % HALF
+    c = tl.load(rope_ptr + pos * (2 * HALF) + i)  # [D]
+    s = tl.load(rope_ptr + pos * (2 * HALF) + HALF + i)
+    partner = tl.load(x_ptrs_partner, mask=pmask, other=0.0).to(tl.float32)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    return x * c[None, :] + (sign * s)[None, :] * partner
+
+
+@triton.jit
+def _live_split_len(L, num_splits, BLOCK_N: tl.constexpr):
+    """Slots per split for a row holding L cached tokens plus the new one: ⌈(L+1)/splits⌉ in whole blocks."""
+    per = (L + 1 + num_splits - 1) // num_splits
+    return ((per + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_attention_split_kernel(
-        q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, len_ptr, part_o_ptr, part_ml_ptr,
-        stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cs, qk_scale, split_len, num_splits,
+        q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, len_ptr, rope_ptr, part_o_ptr, part_ml_ptr,
+        stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cs, qk_scale, num_splits,
         capacity,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
     L = tl.load(len_ptr + b)  # tokens already cached in row b; the new one goes to slot L
+    split_len = _live_split_len(L, num_splits, BLOCK_N)
+    lo = s * split_len
     g = tl.arange(0, GROUP_P)
-    gmask = g < GROUP
-    heads = hk * GROUP + g  # [GP] query heads served by this kv head
+    # a split past the row's end (lo > L): empty loop, nothing stored, dropped by the merge
+    gmask = (g < GROUP) & (g * 0 + lo <= L)
+    heads = hk * GROUP + g  # [GP] query heads served by this kv head (rows ≥ GROUP are padding)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(tl.float32) * qk_scale  # [GP, D], scores come out in log2 units
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)  # [GP, D]
+    if HAS_ROPE:
+        q = _rotate(q, q_rows + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], gmask[:, None], rope_ptr, L, d,
+                    HALF=HEAD_DIM // 2)
+    q = q * qk_scale  # scores come out in log2 units
+    q_dot = q.to(k_cache_ptr.dtype.element_ty)  # the tensor cores' operand (a no-op for fp32 caches)
+    if DOT_F32:
+        q_dot = q_dot.to(tl.float32)
 
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-    lo = s * split_len
     hi = tl.minimum(lo + split_len, L)
     kv_base = b.to(tl.int64) * stride_cb + hk * stride_ch  # int64: rows·heads·slots·D can pass 2^31
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < hi
         off = kv_base + n[:, None] * stride_cs + d[None, :]
-        k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0).to(tl.float32)  # [BN, D]
-        v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GP, BN]
+        k = tl.load(k_cache_ptr + off, mask=nmask[:, None], other=0.0)  # [BN, D]
+        v = tl.load(v_cache_ptr + off, mask=nmask[:, None], other=0.0)
+        if DOT_F32:
+            sc = tl.dot(q_dot, tl.trans(k.to(tl.float32)), input_precision="ieee")  # [GP, BN]
+        else:
+            sc = tl.dot(q_dot, tl.trans(k))
         sc = tl.where(nmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))  # finite: every block holds at least one live slot
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if DOT_F32:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)  # [GP, D], fp32 accumulation
+        acc = acc * alpha[:, None] + pv
         m = m_new
 
     # this split holds slot L: fold in the new token and append it (L == capacity, a broken caller
     # precondition, would write into the next head's slot 0, so it is skipped instead)
     if (L // split_len == s) & (L < capacity):
-        nb = b * stride_nb + hk * stride_nh + d
-        kn = tl.load(k_new_ptr + nb)
-        vn = tl.load(v_new_ptr + nb)
+        nb = b * stride_nb + hk * stride_nh
+        kn = tl.load(k_new_ptr + nb + d).to(tl.float32)  # [D]
+        if HAS_ROPE:
+            kn = tl.sum(_rotate(kn[None, :], k_new_ptr + nb + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :],
+                                d[None, :] >= 0, rope_ptr, L, d, HALF=HEAD_DIM // 2), axis=0)
+        kn = kn.to(k_cache_ptr.dtype.element_ty)  # what the cache holds, so later steps see the same key
+        vn = tl.load(v_new_ptr + nb + d)
         sn = tl.sum(q * kn.to(tl.float32)[None, :], axis=1)  # [GP]
         m_new = tl.maximum(m, sn)
-        alpha = tl.exp2(m - m_new)  # m may be −inf (empty split): exp2(−inf) = 0
+        alpha = tl.exp2(m - m_new)  # m may be −inf (no cached slot in this split): exp2(−inf) = 0
         pn = tl.exp2(sn - m_new)
         l = l * alpha + pn
         acc = acc * alpha[:, None] + pn[:, None] * vn.to(tl.float32)[None, :]
@@ -80,7 +131,7 @@ def _decode_attention_split_kernel(
         tl.store(k_cache_ptr + kv_base + L * stride_cs + d, kn)
         tl.store(v_cache_ptr + kv_base + L * stride_cs + d, vn)
 
-    # partials: o [B, H, splits, D], (m, l) [B, H, splits, 2]; an empty split stores (−inf, 0, 0)
+    # partials of the live splits: o [B, H, splits, D], (m, l) [B, H, splits, 2]
     row = (b * (H_KV * GROUP) + heads) * num_splits + s  # [GP]
     tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
     tl.store(part_ml_ptr + row * 2, m, mask=gmask)
@@ -88,22 +139,35 @@ def _decode_attention_split_kernel(
 
 
 @triton.jit
-def _decode_attention_merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-                                   H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_attention_merge_kernel(part_o_ptr, part_ml_ptr, len_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+                                   H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)  # b·H + h
     b = pid // H
     h = pid % H
+    L = tl.load(len_ptr + b)
+    split_len = _live_split_len(L, num_splits, BLOCK_N)
+    n_live = (L + split_len) // split_len  # ⌈(L+1)/split_len⌉ splits hold a slot; the rest stored nothing
     s = tl.arange(0, BLOCK_S)
-    smask = s < num_splits
+    smask = s < n_live
     d = tl.arange(0, HEAD_DIM)
     row = pid * num_splits + s
     m = tl.load(part_ml_ptr + row * 2, mask=smask, other=float("-inf"))
     l = tl.load(part_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: the split holding the new token is never empty
-    wgt = tl.exp2(m - m_max)  # [S], 0 for empty splits
+    m_max = tl.max(m, axis=0)  # finite: the split holding the new token is live and never empty
+    wgt = tl.where(smask, tl.exp2(m - m_max), 0.0)  # [S]
     o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(wgt[:, None] * o, axis=0) / tl.sum(wgt * l, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreted() -> bool:
+    """Triton's interpreter (3.9) multiplies bf16 tl.dot operands as raw 16-bit integers (a 16×16 test gave
+    errors of 1e10), so there the bf16 operands are widened to fp32 first: the same products (bf16 × bf16 is
+    exact in fp32) and fp32 accumulation, as the tensor cores do; only the summation order differs."""
+    from . import triton_status
+    return triton_status()[1]
 
 
 def default_splits(batch_kv_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
@@ -120,13 +184,15 @@ def default_splits(batch_kv_heads: int, capacity: int, block_n: int, device: tor
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, lengths: torch.Tensor, *, sm_scale: float | None = None,
-                     out: torch.Tensor | None = None, num_splits: int | None = None,
+                     v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
+                     sm_scale: float | None = None, out: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None) -> torch.Tensor:
     """q [B, H, D]; k_new, v_new [B, Hkv, D]; k_cache, v_cache [B, Hkv, S, D]; lengths [B] int32 → out [B, H, D].
 
-    Writes k_new/v_new into the caches at slot lengths[b]; does not advance `lengths` (the caller does,
-    once per step for all layers). Requires lengths[b] < S.
+    rope: [P, 2, D/2] fp32 cos/sin table (`reference.rope_table`), P > max lengths; q and k_new are then
+    rotated at position lengths[b] inside the kernel. None: they are used as given.
+    Writes (the rotated) k_new and v_new into the caches at slot lengths[b]; does not advance `lengths` (the
+    caller does, once per step for all layers). Requires lengths[b] < S.
     """
     B, H, D = q.shape
     Bc, Hkv, S, Dc = k_cache.shape
@@ -141,27 +207,31 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must have the same strides"
     assert k_new.stride() == v_new.stride(), "k_new and v_new must have the same strides"
     assert lengths.shape == (B,) and lengths.dtype == torch.int32, f"lengths must be int32 [{B}]"
+    if rope is not None:
+        assert rope.dim() == 3 and rope.shape[1:] == (2, D // 2) and rope.dtype == torch.float32 \
+            and rope.is_contiguous(), f"rope must be a contiguous fp32 [P, 2, {D // 2}] table, got " \
+            f"{rope.dtype} {list(rope.shape)}"
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     group = H // Hkv
-    group_p = max(triton.next_power_of_2(group), 1)
+    group_p = max(triton.next_power_of_2(group), 16)  # tl.dot needs M >= 16: padded rows are masked
     if block_n is None:
-        # keep the [GP, BLOCK_N, D] product tile near 8K elements per program
-        block_n = max(16, min(64, 8192 // (group_p * D)))
+        block_n = 64 if D <= 128 else 32  # [BN, D] K and V tiles of 16 KiB each in bf16
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
     if num_splits is None:
         num_splits = default_splits(B * Hkv, S, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(S, split_len)
+    num_splits = max(1, min(num_splits, triton.cdiv(S, block_n)))
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * _LOG2E
     part_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, H, num_splits, 2, dtype=torch.float32, device=q.device)
     _decode_attention_split_kernel[(B * Hkv, num_splits)](
-        q, k_new, v_new, k_cache, v_cache, lengths, part_o, part_ml,
+        q, k_new, v_new, k_cache, v_cache, lengths, rope if rope is not None else part_ml, part_o, part_ml,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale, split_len, num_splits, S,
-        H_KV=Hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_N=block_n, num_warps=4)
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale, num_splits, S,
+        H_KV=Hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_N=block_n, HAS_ROPE=rope is not None,
+        DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreted()), num_warps=4)
     _decode_attention_merge_kernel[(B * H,)](
-        part_o, part_ml, out, out.stride(0), out.stride(1), num_splits,
-        H=H, HEAD_DIM=D, BLOCK_S=max(triton.next_power_of_2(num_splits), 2), num_warps=4)
+        part_o, part_ml, lengths, out, out.stride(0), out.stride(1), num_splits,
+        H=H, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_S=max(triton.next_power_of_2(num_splits), 2), num_warps=4)
     return out

@@ -16,16 +16,36 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v
     v_cache[rows, :, lengths.long()] = v_new
 
 
+def rope_table(positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """cos and sin of every position's rotary angles, [positions, 2, head_dim/2] fp32 (rotate-half layout: the
+    same angles serve both halves). Computed once at load; the decode kernel reads row lengths[b], the prefill
+    takes rows 0..T−1. The values are those the per-step computation gave (same fp32 ops)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq  # [P, hd/2]
+    return torch.stack((freqs.cos(), freqs.sin()), dim=1).contiguous()
+
+
+def rope_ref(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x [B, Hx, D] rotated at positions [B] (one per row), in fp32, rounded to x's dtype once."""
+    cs = table[positions.long()]  # [B, 2, D/2]
+    c, s = cs[:, 0, None], cs[:, 1, None]  # [B, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
 def decode_attention_ref(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, lengths: torch.Tensor, *, sm_scale: float | None = None,
-                         bound: int | None = None) -> torch.Tensor:
-    """Same contract as `decode_attention`: append at slot lengths[b], attend over slots 0..lengths[b].
+                         v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
+                         sm_scale: float | None = None, bound: int | None = None) -> torch.Tensor:
+    """Same contract as `decode_attention`: rotate q and k_new at position lengths[b] (with a rope table),
+    append at slot lengths[b], attend over slots 0..lengths[b].
 
     bound: an upper limit on lengths + 1 known on the host (the eager loop knows it without a sync); the
     keys beyond it are not read. None reads the whole cache.
     """
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if rope is not None:
+        q, k_new = rope_ref(q, lengths, rope), rope_ref(k_new, lengths, rope)
     append_kv(k_new, v_new, k_cache, v_cache, lengths)
     end = S if bound is None else min(bound, S)
     mask = torch.arange(end, device=q.device)[None, :] <= lengths[:, None].long()  # [B, end]
@@ -44,3 +64,20 @@ def vq_lookup_ref(codes: torch.Tensor, embedding: torch.Tensor, *, grid: int, co
         z = F.conv2d(z, conv_weight, conv_bias)
     return z
 
+
+def add_rmsnorm_ref(x: torch.Tensor, *, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `add_rmsnorm`: residual ← x + residual in place (when given), out = RMSNorm of it.
+
+    The Llama RMSNorm: normalise in fp32, round to the dtype, then multiply by the weight."""
+    r = x if residual is None else residual.add_(x)  # one rounding of the exact sum, as x + residual
+    rf = r.float()
+    normed = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
+    return torch.mul(weight, normed, out=out)
+
+
+def silu_mul_ref(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `silu_mul`: gate_up [M, 2I] (gate | up) → silu(gate) · up [M, I], in fp32, rounded once."""
+    g, u = gate_up.chunk(2, dim=-1)
+    y = (F.silu(g.float()) * u.float()).to(gate_up.dtype)
+    return out.copy_(y) if out is not None else y

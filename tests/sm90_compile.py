@@ -60,8 +60,10 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = _compile_only
 
+from fastjanus.kernels.activation import silu_mul  # noqa: E402
 from fastjanus.kernels.cfg_sample import cfg_sample  # noqa: E402
 from fastjanus.kernels.decode_attention import decode_attention  # noqa: E402
+from fastjanus.kernels.rmsnorm import add_rmsnorm  # noqa: E402
 from fastjanus.kernels.vq_lookup import vq_lookup  # noqa: E402
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -78,6 +80,13 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
     vq_lookup(torch.randint(0, 16384, (16, 576)), torch.randn(16384, 8).to(dtype), grid=24,
               conv_weight=torch.randn(256, 8, 1, 1).to(dtype), conv_bias=torch.randn(256).to(dtype))
     vq_lookup(torch.randint(0, 16384, (1, 576)), torch.randn(16384, 8).to(dtype), grid=24)
+    for M in (2, 32):
+        for D in (2048, 4096):  # hidden sizes of Janus(-Pro)-1B and Janus-Pro-7B
+            x, w = torch.randn(M, D).to(dtype), torch.randn(D).to(dtype)
+            add_rmsnorm(x, weight=w, eps=1e-6)
+            add_rmsnorm(x, weight=w, eps=1e-6, residual=torch.randn(M, D).to(dtype))
+        for I in (5632, 11008):  # their MLP intermediate sizes
+            silu_mul(torch.randn(M, 2 * I).to(dtype))
 
 json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()},
            "fma_in": sorted(k for k, v in PTX.items() if any("fma.rn.f32" in p for p in v))}, sys.stdout)

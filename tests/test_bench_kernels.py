@@ -1,4 +1,9 @@
-"""Kernel microbenchmark: byte arithmetic (hand-computed) and the no-GPU refusal."""
+"""Kernel microbenchmark: byte arithmetic (hand-computed), the no-GPU refusal and the CPU dry run."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,14 +14,36 @@ def test_byte_counts_by_hand():
     # one row, 16 heads × 128, bf16, 1 cached slot: K+V read (2·1 slots) + new K/V read and written (4 slots)
     # = 16·128·2·6 = 24576, plus q read and out written = 2·16·128·2 = 8192
     assert kb.attention_bytes(1, 16, 1, 128, 2) == 24576 + 8192
+    # with the rotary inside: one fp32 cos/sin row (2 × 64 × 4 = 512 bytes) per row
+    assert kb.attention_bytes(2, 16, 1, 128, 2, rope=True) == 2 * (24576 + 8192) + 2 * 512
     # Pro-1B: 24 layers, 16 × 128 bf16 → 192 KiB of K+V per token per row over all layers
     per_token_all_layers = 24 * (kb.attention_bytes(1, 16, 2, 128, 2) - kb.attention_bytes(1, 16, 1, 128, 2))
     assert per_token_all_layers == 192 * 1024
     assert kb.sample_bytes(32, 16384, 2) == 1 << 20  # 32 rows × 16384 bf16 logits = 1 MiB
     assert kb.vq_lookup_bytes(1, 576, 8, 256, 2) == 576 * (8 + 16 + 512)
+    # 2 rows × 2048 bf16: x, residual read, residual, out written (4 × 8 KiB) + the weight (4 KiB)
+    assert kb.add_rmsnorm_bytes(2, 2048, 2) == 4 * 8192 + 4096
+    # 2 rows × 5632 bf16: [2, 11264] read (45056 bytes) + [2, 5632] written (22528)
+    assert kb.silu_mul_bytes(2, 5632, 2) == 45056 + 22528
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_refuses_without_cuda(capsys):
     assert kb.main([]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
+
+
+def test_dry_run_covers_every_kernel(tmp_path):
+    # a child process: the interpreter must be on before Triton's first import, and no GPU may be touched
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "kernels.json"
+    p = subprocess.run([sys.executable, "-m", "fastjanus.bench.kernels", "--dry-run", "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    names = ["decode_attention", "decode_attention+rope", "add_rmsnorm", "silu_mul", "cfg_sample",
+             "vq_lookup+post_quant_conv"]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] is True and [r["kernel"] for r in report["results"]] == names
+    assert all(r["ms"] > 0 and r["torch_ms"] > 0 and r["bytes"] > 0 for r in report["results"])
+    assert report["results"][1]["cos_sin_ms"] > 0
+    assert "DRY RUN" in p.stdout and all(f"\n{n} " in p.stdout for n in names)

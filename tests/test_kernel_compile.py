@@ -21,5 +21,6 @@ def test_kernels_compile_for_sm90(tmp_path):
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(report["compiled"]) == {"_decode_attention_split_kernel", "_decode_attention_merge_kernel",
                                        "_cfg_sample_tile_kernel", "_cfg_sample_merge_kernel",
-                                       "_topk_threshold_kernel", "_vq_lookup_kernel"}
+                                       "_topk_threshold_kernel", "_vq_lookup_kernel", "_add_rmsnorm_kernel",
+                                       "_silu_mul_kernel"}
     assert not {"_cfg_sample_tile_kernel", "_topk_threshold_kernel"} & set(report["fma_in"])

@@ -1,9 +1,9 @@
 """The static decode runtime: decode state in buffers allocated once, one step that reads and writes only
 them, and (on CUDA) that step captured as a CUDA Graph per batch bucket and replayed.
 
-A step is: embed the previous token of every row → one decoder step (flash-decoding attention, KV appended
-at each row's device-side length) → head → fused sampler (guidance, temperature, top-k, draw; writes the
-token per row and into a history at the device-side step). Nothing in it reads a host value, so 575
+A step is the runner's decode step (engine/runner.py: embed the previous token of every row → decoder →
+head) followed by the fused sampler (guidance, temperature, top-k, draw; writes the token per row and into a
+history at the device-side step). Nothing in it reads a host value, so 575
 replays run without the host waiting; the codes are copied back once at the end (or after every row of
 the code grid, 24 codes, when a streaming callback asks for them). Text decoding replays the same kind of
 step for one row and looks for EOS in the history every TEXT_CHUNK tokens instead of after every token.
@@ -17,12 +17,12 @@ request runs at a time.
 from __future__ import annotations
 
 import time
-import weakref
 
 import torch
 
 from ..models.llama import KVCache
 from .memory import MemoryPlan
+from .runner import ModelRunner
 from .sampling import KernelSampler
 
 TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
@@ -53,22 +53,19 @@ class KVPool:
 class StaticDecoder:
     """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
 
-    def __init__(self, model, device: torch.device, backend: str, pool: KVPool, rows: int, capacity: int,
-                 paired: bool, top_k: int | None, history: int, use_graph: bool, graph_pool=None, side_stream=None):
-        self.model, self.device, self.backend, self.rows = model, device, backend, rows
+    def __init__(self, runner: ModelRunner, pool: KVPool, rows: int, capacity: int, paired: bool,
+                 top_k: int | None, history: int, use_graph: bool, graph_pool=None, side_stream=None):
+        self.runner, self.device, self.rows, self.paired = runner, runner.device, rows, paired
         self.cache = pool.cache(rows, capacity)
         n = rows // 2 if paired else rows
-        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, device)
-        self.head = model.gen_head if paired else model.language_model.lm_head
-        self.embed = model.embed_image_codes if paired else model.embed_text
+        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, runner.device)
         self.use_graph, self.graph_pool, self.graph, self.side_stream = use_graph, graph_pool, None, side_stream
         self.compiled = False
 
     # the step: everything it touches is a buffer of this object (or the model's weights)
     def step(self) -> None:
-        x = self.embed(self.sampler.rows)  # [R, D]
-        h = self.model.llm.decode(x, self.cache, self.backend)  # [R, D]; lengths += 1 on the device
-        self.sampler(self.head(h))  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
+        logits = self.runner.decode(self.sampler.rows, self.cache, self.paired)  # [R, V]; lengths += 1 on the device
+        self.sampler(logits)  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
 
     def _reset_for_warmup(self) -> None:
         self.cache.lengths.zero_()
@@ -121,7 +118,7 @@ class StaticDecoder:
         sp.step.zero_()
         hh = torch.zeros(self.rows, h.shape[1], device=h.device, dtype=h.dtype)
         hh[:r] = h
-        sp(self.head(hh))
+        sp(self.runner.head(hh, self.paired))
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -132,29 +129,20 @@ class StaticDecoder:
 
 
 class DecodeRuntime:
-    """The pool, the decoders per bucket, and the loops that drive them (owned by a JanusPipeline).
+    """The pool, the decoders per bucket, and the loops that drive them (owned by a JanusPipeline). It holds the
+    model runner, never the pipeline, so that a dropped pipeline frees its KV pool (13.7 GB for Pro-1B, 34 GB
+    for Pro-7B) at once rather than whenever the cycle collector runs."""
 
-    It refers to its pipeline weakly (for the prefill): a strong reference would make a cycle, and a dropped
-    pipeline would hold its KV pool (13.7 GB for Pro-1B, 34 GB for Pro-7B) until the cycle collector ran."""
-
-    def __init__(self, pipe, plan: MemoryPlan, use_graphs: bool):
-        self._pipe = weakref.ref(pipe)
-        self.model, self.device, self.backend = pipe.model, pipe.device, pipe.backend
+    def __init__(self, runner: ModelRunner, plan: MemoryPlan, use_graphs: bool):
+        self.runner, self.device = runner, runner.device
         self.plan, self.use_graphs = plan, use_graphs
         # Allocated now, at load, so that what the plan promised is held (nothing else can take it meanwhile).
-        self.pool = KVPool(pipe.model, plan)
+        self.pool = KVPool(runner.model, plan)
         self.decoders: dict[tuple, StaticDecoder] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
         # One stream for every capture's eager warm-up: cuBLAS keeps a workspace (32 MiB on Hopper) per stream it
         # has run on, which empty_cache() never returns, so a new stream per bucket would leave one per bucket.
-        self.side_stream = torch.cuda.Stream(pipe.device) if use_graphs else None
-
-    @property
-    def pipe(self):
-        p = self._pipe()
-        if p is None:
-            raise RuntimeError("the pipeline that owns this decode runtime is gone")
-        return p
+        self.side_stream = torch.cuda.Stream(runner.device) if use_graphs else None
 
     def close(self) -> None:
         """Drop the graphs first (they point into the pool), then the pool."""
@@ -170,8 +158,8 @@ class DecodeRuntime:
         key = (rows, capacity, paired, top_k)
         d = self.decoders.get(key)
         if d is None:
-            d = StaticDecoder(self.model, self.device, self.backend, self.pool, rows, capacity, paired, top_k, history,
-                              self.use_graphs, self.graph_pool, self.side_stream)
+            d = StaticDecoder(self.runner, self.pool, rows, capacity, paired, top_k, history, self.use_graphs,
+                              self.graph_pool, self.side_stream)
             self.decoders[key] = d
         return d
 
@@ -195,18 +183,18 @@ class DecodeRuntime:
                     top_k, callback=None, timings: dict | None = None, progress: bool = False) -> torch.Tensor:
         """Codes [N, image_tokens] for the interleaved cond/uncond token rows: a view of the bucket's static
         history (copy it before the next request)."""
-        pipe, n_tok = self.pipe, self.plan.image_tokens
+        runner, n_tok = self.runner, self.plan.image_tokens
         R, T = len(rows_tokens), max(len(r) for r in rows_tokens)
         bucket, cap = self.plan.image_bucket(R, T)
         d = self._decoder(bucket, cap, True, top_k, n_tok)
         d.ensure_graph()
-        h, _, _ = pipe._prefill(rows_tokens, cap, cache=d.cache.view_rows(R))  # [R, D]: fills cache rows 0..R−1
+        h, _ = runner.prefill(rows_tokens, d.cache)  # [R, D]: fills cache rows 0..R−1
         d.start(h, cfg_weight, temperature, seed)
         if timings is not None:
-            pipe._sync()
+            runner.sync()
             timings["prefill_end"] = time.perf_counter()
         codes = d.sampler.codes[: R // 2]
-        every = pipe.cfg.vq.grid  # codes per row of the grid (24 for the published models)
+        every = runner.cfg.vq.grid  # codes per row of the grid (24 for the published models)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -221,7 +209,7 @@ class DecodeRuntime:
                 if callback is not None:
                     callback(done // every - 1, codes[:, :done].to("cpu", copy=True))
                 if bar is not None:
-                    pipe._sync()
+                    runner.sync()
                     bar.update(every if done > every else every - 1)
         if bar is not None:
             bar.close()
@@ -233,12 +221,11 @@ class DecodeRuntime:
 
     def text_tokens(self, prompt_ids: list[int], image_embeds, max_new_tokens: int, temperature: float, seed: int,
                     top_k, eos_id: int, ignore_eos: bool, on_first=None, callback=None) -> list[int]:
-        pipe = self.pipe
         T = len(prompt_ids)
         cap = self.plan.text_capacity(T, max_new_tokens)
         d = self._decoder(1, cap, False, top_k, cap)
         d.ensure_graph()
-        h, _, _ = pipe._prefill([prompt_ids], cap, image_embeds=image_embeds, cache=d.cache)
+        h, _ = self.runner.prefill([prompt_ids], d.cache, image_embeds=image_embeds)
         d.start(h, None, temperature, seed)
         hist = d.sampler.codes[0]
         first = int(hist[0])  # the first token: one sync (time to first token)

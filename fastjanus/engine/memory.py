@@ -54,6 +54,7 @@ GiB = 2 ** 30
 MAX_BUCKET_ROWS = 64  # 32 images by default; max_rows= at load raises it
 PROMPT_ROOM = 512  # default per-row room for an image prompt beyond the image tokens
 PREFILL_BUDGET = 256 * 2 ** 20  # the prefill runs in row chunks whose activations stay under this
+VQ_MAX_BATCH = 16  # images per VQ decoder call when memory allows: 16 images (the usual request) in one call
 
 
 def prefill_chunk_rows(cfg: JanusConfig, length: int, elem: int) -> int:
@@ -173,7 +174,7 @@ def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows
     reserve = decode_workspace_bytes(cfg, rows_cap) + PREFILL_BUDGET
     if free_bytes is None:
         slots = rows_cap * cap_len
-        return MemoryPlan(slots, cap_len, rows_cap, kvpt, n_img, context, None, reserve, 8,
+        return MemoryPlan(slots, cap_len, rows_cap, kvpt, n_img, context, None, reserve, VQ_MAX_BATCH,
                           f"{rows_cap} rows x {cap_len} slots")
     reserve += max(GiB // 2, free_bytes // 20)  # allocator fragmentation, cuBLAS workspaces, graph pools
     avail = free_bytes - reserve - per_image_vq  # the VQ decode runs after the loop, one image at a time at least
@@ -188,6 +189,6 @@ def plan_memory(cfg: JanusConfig, elem: int, free_bytes: int | None, *, max_rows
                          f"weights, {_fmt(2 * (n_img + 1) * kvpt + reserve + per_image_vq)} needed at least; "
                          "use a smaller dtype or model, or free the device")
     left = avail - slots * kvpt + per_image_vq
-    vq_batch = int(max(1, min(8, left // per_image_vq)))
+    vq_batch = int(max(1, min(VQ_MAX_BATCH, left // per_image_vq)))
     return MemoryPlan(slots, cap_len, rows_cap, kvpt, n_img, context, free_bytes, reserve, vq_batch,
                       f"{_fmt(free_bytes)} free at load")

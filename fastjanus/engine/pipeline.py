@@ -18,7 +18,8 @@ from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
 from ..tokenizer import JanusTokenizer
 from .graphs import DecodeRuntime
-from .memory import MemoryPlan, check_plan_overrides, plan_memory, prefill_chunk_rows
+from .memory import MemoryPlan, check_plan_overrides, plan_memory
+from .runner import ModelRunner
 from .sampling import KernelSampler, TorchSampler, cfg_mix
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -234,10 +235,12 @@ class JanusPipeline:
         self._lock = threading.RLock()
         self._closed = False
         self._in_callback = False
-        # The static runtime (engine/graphs.py) drives the triton backend's loops; the torch backend keeps the
-        # plain eager loops below (the reference). It refers back to this pipeline weakly, so dropping the
-        # pipeline frees the KV pool at once rather than whenever the cycle collector runs.
-        self.runtime = DecodeRuntime(self, memory_plan, cuda_graphs) if backend == "triton" and memory_plan else None
+        # The runner (engine/runner.py) defines the prefill and the decode step. The static runtime
+        # (engine/graphs.py) drives the triton backend's loops with it; the torch backend keeps the plain eager
+        # loops below (the reference), which call the same step.
+        self.runner = ModelRunner(model, device, dtype, backend, tokenizer.pad_id, tokenizer.image_id)
+        self.runtime = DecodeRuntime(self.runner, memory_plan, cuda_graphs) if backend == "triton" and memory_plan \
+            else None
 
     # ------------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -253,6 +256,7 @@ class JanusPipeline:
             if self.runtime is not None:
                 self.runtime.close()
             self.runtime = None
+            self.runner = None
             self.model = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the freed blocks back to the device, not only to torch's cache
@@ -317,41 +321,12 @@ class JanusPipeline:
         With the static runtime the cache is a view of its KV pool (the eager loops stay inside the plan)."""
         rows = self._image_rows(prompt, num_images)
         R, T = len(rows), max(len(r) for r in rows)
-        cache = None
         if self.runtime is not None:
             cache = self.runtime.kv_cache(R, self.memory_plan.image_bucket(R, T)[1])
-        h, cache, _ = self._prefill(rows, T + self.cfg.num_image_tokens, cache=cache)
+        else:
+            cache = self.runner.new_cache(R, T + self.cfg.num_image_tokens)
+        h, _ = self.runner.prefill(rows, cache)
         return h, cache, T
-
-    def _prefill(self, rows: list[list[int]], capacity: int, image_embeds: torch.Tensor | None = None,
-                 cache=None, keep_all: bool = False):
-        """Right-padded prefill of token rows into a new cache of `capacity` slots per row (or into `cache`,
-        a view of the static pool with one row per token row).
-
-        Returns (hidden state of each row's last real token [R, D], cache, all hidden states [R, T, D] if
-        keep_all else None). image_embeds [R, n, D] replace the image placeholder tokens (understanding).
-        Runs in row chunks whose activations stay within the memory plan's prefill budget."""
-        R, T = len(rows), max(len(r) for r in rows)
-        tokens = torch.full((R, T), self.tokenizer.pad_id, dtype=torch.long)
-        for r, ids in enumerate(rows):
-            tokens[r, :len(ids)] = torch.tensor(ids)
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        if cache is None:
-            cache = self.model.new_cache(R, capacity)
-        chunk = prefill_chunk_rows(self.cfg, T, self.dtype.itemsize)
-        last, every = [], []
-        for a in range(0, R, chunk):
-            b = min(R, a + chunk)
-            x = self.model.embed_text(tokens[a:b])  # [r, T, D]
-            if image_embeds is not None:
-                x[tokens[a:b] == self.tokenizer.image_id] = image_embeds[a:b].reshape(-1, x.shape[-1]).to(x.dtype)
-            h = self.model.llm.prefill(x, cache.view_rows(b - a, a), lengths[a:b])  # [r, T, D]
-            last.append(h[torch.arange(b - a, device=self.device), lengths[a:b].long() - 1])  # [r, D]
-            if keep_all:
-                every.append(h)
-        cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs))  # noqa: E731
-        return cat(last), cache, cat(every) if keep_all else None
 
     @_serialised
     @torch.inference_mode()
@@ -359,7 +334,7 @@ class JanusPipeline:
         """Guided logits of the first image token, [N, codebook] fp32 (for inspection and tests)."""
         check_sampling(1.0, None, None, cfg_weight)
         h, _, _ = self._image_prefill(prompt, num_images)
-        return cfg_mix(self.model.gen_head(h), cfg_weight)
+        return cfg_mix(self.runner.head(h, paired=True), cfg_weight)
 
     @_serialised
     @torch.inference_mode()
@@ -376,7 +351,7 @@ class JanusPipeline:
             raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
         callback = self._guard(callback)
         seed = self._seed(seed)
-        m, n_tok = self.model, self.cfg.num_image_tokens
+        n_tok = self.cfg.num_image_tokens
         t0 = time.perf_counter()
         if self.runtime is not None and top_p is None:
             rows = self._image_rows(prompt, num_images)
@@ -395,14 +370,14 @@ class JanusPipeline:
             from tqdm import tqdm
             steps = tqdm(steps, desc="image tokens", unit="tok", leave=False)
         sampler = self._sampler(h.shape[0] // 2, n_tok, cfg_weight, temperature, seed, top_k, top_p, paired=True)
+        logits = self.runner.head(h, paired=True)  # [2N, K]
         for i in steps:
-            sampler(m.gen_head(h))  # [N] codes, written to sampler.codes[:, i] and, per row, to sampler.rows [2N]
+            sampler(logits)  # [N] codes, written to sampler.codes[:, i] and, per row, to sampler.rows [2N]
             if callback is not None and (i + 1) % self.cfg.vq.grid == 0:  # a row of the code grid is complete
                 callback((i + 1) // self.cfg.vq.grid - 1, sampler.codes[:, :i + 1].to("cpu", copy=True))
             if i == n_tok - 1:
                 break
-            x = m.embed_image_codes(sampler.rows)  # [2N, D]: the same code to both rows of a pair
-            h = m.llm.decode(x, cache, self.backend, bound=T + i + 1)
+            logits = self.runner.decode(sampler.rows, cache, paired=True, bound=T + i + 1)
         out = sampler.codes.cpu()
         t2 = time.perf_counter()
         self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False,
@@ -490,8 +465,8 @@ class JanusPipeline:
     def understanding_logits(self, image, question: str) -> torch.Tensor:
         """Text logits over the whole prompt [T, vocab] (fp32): the first answer token is the last row."""
         ids, img = self._understanding_inputs(image, question, 1)
-        _, _, h = self._prefill([ids], len(ids) + 1, image_embeds=img, keep_all=True)
-        return self.model.language_model.lm_head(h[0]).float()
+        _, h = self.runner.prefill([ids], self.runner.new_cache(1, len(ids) + 1), image_embeds=img, keep_all=True)
+        return self.runner.head(h[0], paired=False).float()
 
     @_serialised
     @torch.inference_mode()
@@ -522,15 +497,16 @@ class JanusPipeline:
                                  "new_tokens": len(out), "prompt_len": T, "cuda_graphs": self.cuda_graphs,
                                  "seed": seed}
             return out
-        cache = None
         if self.runtime is not None:  # top_p: the eager loop, inside the memory plan
             cache = self.runtime.kv_cache(1, self.memory_plan.text_capacity(T, max_new_tokens))
-        h, cache, _ = self._prefill([ids], T + max_new_tokens, image_embeds=img, cache=cache)
-        lm_head, out = self.model.language_model.lm_head, []
+        else:
+            cache = self.runner.new_cache(1, T + max_new_tokens)
+        h, _ = self.runner.prefill([ids], cache, image_embeds=img)
+        logits, out = self.runner.head(h, paired=False), []
         sampler = self._sampler(1, max_new_tokens, None, temperature, seed, top_k, top_p, paired=False)
         t_first = None
         for i in range(max_new_tokens):
-            tok = sampler(lm_head(h))  # [1]
+            tok = sampler(logits)  # [1]
             t = int(tok)  # host sync per token: the eager path checks EOS every step
             if t_first is None:
                 t_first = time.perf_counter()
@@ -541,7 +517,7 @@ class JanusPipeline:
                 callback([t])
             if i == max_new_tokens - 1:
                 break
-            h = self.model.llm.decode(self.model.embed_text(tok), cache, self.backend, bound=T + i + 1)
+            logits = self.runner.decode(tok, cache, paired=False, bound=T + i + 1)
         t_end = time.perf_counter()
         self.last_timings = {"time_to_first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(out),
                              "prompt_len": T, "cuda_graphs": False, "seed": seed}
@@ -651,6 +627,10 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     check_static_options(backend, max_rows, max_len, cfg)
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
     model.eval()
+    # the inference layout (models/llama.py, models/janus.py). no_grad, not inference_mode: inference tensors
+    # could not be changed in place later outside inference mode (a quantizer would)
+    with torch.no_grad():
+        model.fuse()
     plan = None
     if backend == "triton":
         plan = plan_memory(cfg, torch.empty(0, dtype=dt).element_size(), free_memory(dev), max_rows=max_rows,

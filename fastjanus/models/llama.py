@@ -6,19 +6,28 @@ prompts of different lengths are right-padded for the prefill (causal attention 
 the padding after it) and each row's next token is written at its own slot, so decode needs no mask beyond
 the lengths and runs from device state alone (graph-replayable). Rotary position = slot index.
 
-`backend` picks the decode attention: "torch" (SDPA over the masked cache, `kernels.reference`) or "triton"
-(flash-decoding, `kernels.decode_attention`). Prefill uses torch SDPA (flash-attn when installed, on CUDA).
+After loading, `fuse()` makes the inference layout (`LlamaModel.fuse`): q/k/v and gate/up each become one
+weight (the official parameters stay, as views into it, so nothing is stored twice and the state dict keeps
+the official names) and the rotary cos/sin of every position is tabulated once.
+
+The decode step (one token per row) runs 9 kernels per layer: RMSNorm fused with the residual add (×2), the
+QKV GEMM, attention with the rotary inside (split + merge), o_proj, the gate/up GEMM, SiLU·mul, down.
+`backend` picks the implementation of the fused ops: "triton" (`kernels.rmsnorm`, `kernels.activation`,
+`kernels.decode_attention`) or "torch" (their references in `kernels.reference`: the same arithmetic in
+plain torch, more launches). Prefill uses torch ops and SDPA (flash-attn when installed, on CUDA).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
-from ..kernels.reference import decode_attention_ref
+from ..kernels import reference as ref
 
 try:  # optional: only used for the causal prefill on CUDA in fp16/bf16
     from flash_attn import flash_attn_func
@@ -70,11 +79,18 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] → cos, sin [B, 1, T, head_dim] (computed in fp32, rotate-half layout)."""
+    """positions [B, T] → cos, sin [B, 1, T, head_dim] (computed in fp32, rotate-half layout). The per-call
+    computation; the model reads the same values from its table (`rope_cos_sin`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rope_cos_sin(table: torch.Tensor, T: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions 0..T−1 of a `reference.rope_table` → cos, sin [1, 1, T, head_dim] in dtype (for the prefill)."""
+    c, s = table[:T, 0], table[:T, 1]  # [T, hd/2]
+    return torch.cat((c, c), -1).to(dtype)[None, None], torch.cat((s, s), -1).to(dtype)[None, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,6 +105,38 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+@dataclass(frozen=True)
+class DecodeOps:
+    """The fused ops of a decode step, from one backend (see the module docstring)."""
+    add_rmsnorm: Callable  # (x, *, weight, eps, residual=None) → normed; residual ← x + residual in place
+    silu_mul: Callable  # (gate_up [B, 2I]) → [B, I]
+    attention: Callable  # (q, k_new, v_new, k_cache, v_cache, lengths, *, rope) → [B, H, hd]; appends k/v
+
+
+def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
+    """bound (torch backend): a host-side upper limit on every row's new length, so eager attention reads only
+    cache[:bound]; None reads the whole cache."""
+    if backend == "triton":
+        from ..kernels.activation import silu_mul
+        from ..kernels.decode_attention import decode_attention
+        from ..kernels.rmsnorm import add_rmsnorm
+        return DecodeOps(add_rmsnorm, silu_mul, decode_attention)
+    return DecodeOps(ref.add_rmsnorm_ref, ref.silu_mul_ref, partial(ref.decode_attention_ref, bound=bound))
+
+
+def _fuse_linears(parts: list[nn.Linear]) -> torch.Tensor:
+    """One weight [sum of outs, in] from bias-free Linears, whose weights become views into it (the official
+    parameters stay for the state dict, with no second copy). The concatenation briefly holds one layer's
+    parts twice: at most 172 MB (Pro-7B's gate/up in bf16), never the whole model."""
+    w = torch.cat([m.weight.detach() for m in parts])
+    at = 0
+    for m in parts:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(w[at:at + n], requires_grad=False)
+        at += n
+    return w
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -98,27 +146,34 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, Hkv * hd, bias=False)
         self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)  # [(H + 2·Hkv)·hd, D], made by fuse()
+
+    def fuse(self) -> None:
+        self.register_buffer("qkv_weight", _fuse_linears([self.q_proj, self.k_proj, self.v_proj]), persistent=False)
+
+    def _qkv(self, x: torch.Tensor):
+        """x [..., D] → q [..., H, hd], k, v [..., Hkv, hd]: views of one GEMM's output."""
+        qkv = F.linear(x, self.qkv_weight)
+        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+        return q.unflatten(-1, (H, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
 
     def prefill(self, x, cos, sin, k_cache, v_cache):
         """x [B, T, D] at slots 0..T−1 of every row; writes those cache slots (padding included, never read)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # [B, H, T, hd], [B, Hkv, T, hd] ×2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache[:, :, :T] = k
         v_cache[:, :, :T] = v
         o = causal_attention(q, k, v)  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, lengths, attend):
-        """x [B, D], one new token per row at slot lengths[b]; attends over slots 0..lengths[b] with
-        attend(q, k_new, v_new, k_cache, v_cache, lengths) → [B, H, hd] (see LlamaModel.decode)."""
+    def decode(self, x, k_cache, v_cache, lengths, rope, ops: DecodeOps):
+        """x [B, D], one new token per row at slot lengths[b] (its rotary position); attends over slots
+        0..lengths[b] and appends the new K/V (rotated) to the cache."""
         B, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, self.n_heads, self.head_dim), cos, sin)  # [B, H, hd]
-        k = apply_rotary(self.k_proj(x).view(B, self.n_kv, self.head_dim), cos, sin)  # [B, Hkv, hd]
-        v = self.v_proj(x).view(B, self.n_kv, self.head_dim)
-        o = attend(q, k, v, k_cache, v_cache, lengths)  # [B, H, hd]
+        q, k, v = self._qkv(x)  # [B, H, hd], [B, Hkv, hd] ×2 (views of one [B, (H + 2·Hkv)·hd] buffer)
+        o = ops.attention(q, k, v, k_cache, v_cache, lengths, rope=rope)  # [B, H, hd]
         return self.o_proj(o.reshape(B, -1))
 
 
@@ -128,9 +183,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # [2·I, D], made by fuse()
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self) -> None:
+        self.register_buffer("gate_up_weight", _fuse_linears([self.gate_proj, self.up_proj]), persistent=False)
+
+    def forward(self, x):  # [..., D], the prefill: torch's rounding (SiLU, then the product) as the official code
+        g, u = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(g) * u)
+
+    def decode(self, x, ops: DecodeOps):  # [B, D]
+        return self.down_proj(ops.silu_mul(F.linear(x, self.gate_up_weight)))
 
 
 class DecoderLayer(nn.Module):
@@ -145,10 +208,6 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, lengths, attend):  # [B, D]
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, lengths, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -157,6 +216,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("rope", None, persistent=False)  # [max_positions, 2, hd/2] fp32, made by fuse()
+
+    def fuse(self) -> None:
+        """The inference layout, once, after the weights are loaded (see the module docstring)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        dev = self.norm.weight.device
+        self.register_buffer("rope", ref.rope_table(self.cfg.max_position_embeddings, self.cfg.head_dim,
+                                                    self.cfg.rope_theta, device=dev), persistent=False)
 
     def prefill(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] right-padded embeddings, lengths [B] real tokens per row → normed hidden [B, T, D].
@@ -165,8 +234,7 @@ class LlamaModel(nn.Module):
         B, T, _ = x.shape
         if T > cache.max_len:
             raise ValueError(f"prefill of {T} tokens exceeds the cache's {cache.max_len} slots")
-        positions = torch.arange(T, device=x.device)[None]  # [1, T]
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # [1, 1, T, hd]
+        cos, sin = rope_cos_sin(self.rope, T, x.dtype)  # [1, 1, T, hd]
         for i, layer in enumerate(self.layers):
             x = layer.prefill(x, cos, sin, cache.k[i], cache.v[i])
         cache.lengths.copy_(lengths)
@@ -174,19 +242,22 @@ class LlamaModel(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: KVCache, backend: str = "torch", bound: int | None = None) -> torch.Tensor:
         """x [B, D], one token per row → normed hidden [B, D]; appends to the cache and advances cache.lengths.
+        x is consumed: it becomes the residual stream, updated in place.
 
-        bound (torch backend): a host-side upper limit on every row's new length, so eager attention reads
-        only cache[:bound]; None reads the whole cache. Requires lengths < max_len (the caller's plan)."""
-        cos, sin = rotary_cos_sin(cache.lengths[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        cos, sin = cos[:, :, 0], sin[:, :, 0]  # [B, 1, hd]: the same rotation for every head
-        if backend == "triton":  # resolved once per step, not once per layer
-            from ..kernels.decode_attention import decode_attention as attend
-        else:
-            attend = partial(decode_attention_ref, bound=bound)
-        for i, layer in enumerate(self.layers):
-            x = layer.decode(x, cos, sin, cache.k[i], cache.v[i], cache.lengths, attend)
+        bound (torch backend): see decode_ops. Requires lengths < max_len (the caller's plan)."""
+        ops = decode_ops(backend, bound)
+        eps, layers = self.cfg.rms_norm_eps, self.layers
+        residual = x  # [B, D]
+        h = ops.add_rmsnorm(x, weight=layers[0].input_layernorm.weight, eps=eps)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn.decode(h, cache.k[i], cache.v[i], cache.lengths, self.rope, ops)  # [B, D]
+            h = ops.add_rmsnorm(a, weight=layer.post_attention_layernorm.weight, eps=eps, residual=residual)
+            m = layer.mlp.decode(h, ops)
+            # the next layer's input norm, or the final norm after the last layer, fused with this residual add
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h = ops.add_rmsnorm(m, weight=nxt.weight, eps=eps, residual=residual)
         cache.lengths += 1
-        return self.norm(x)
+        return h
 
 
 class LanguageModel(nn.Module):

@@ -7,6 +7,8 @@ Every op runs in the module dtype: unlike the official Upsample, nothing here ca
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,6 +141,17 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """cuDNN's benchmark mode for the duration of a call, leaving the process-wide setting as it was."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 class Quantizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -172,7 +185,17 @@ class VQModel(nn.Module):
                           conv_bias=pq.bias)  # [B, z, g, g]
         else:
             z = self.post_quant_conv(self.codes_to_latent(codes))
-        return self.decoder(z)
+        if not z.is_cuda:
+            return self.decoder(z)
+        # On CUDA: channels-last activations (the weights are converted once, in channels_last()), the layout
+        # cuDNN's tensor-core convolutions use natively, and cuDNN's benchmark mode, which times the candidate
+        # algorithms once per input shape and keeps the fastest. Not yet measured on a GPU here.
+        with _cudnn_benchmark():
+            return self.decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def channels_last(self) -> None:
+        """Convert the decoder's conv weights to channels-last (CUDA only; see decode_codes)."""
+        self.decoder.to(memory_format=torch.channels_last)
 
     def encode_to_codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] in [-1, 1] → codes [B, g·g]: nearest codebook entry by cosine similarity
