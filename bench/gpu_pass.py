@@ -60,6 +60,8 @@ LOG_KEEP_HEAD = 4 * 2 ** 20  # a log over the file limit keeps its first 4 MiB a
 MIN_S = {
     "checkpoint": {"tiny": 2, "janus-1.3b": 40, "janus-pro-1b": 40, "janus-pro-7b": 150},
     "bench": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 150},
+    # load of the cached checkpoint, one eager step each, a capture and a profiled replay (an estimate)
+    "step-kernels": {"tiny": 5, "janus-1.3b": 45, "janus-pro-1b": 45, "janus-pro-7b": 90},
     # kernels: about 64 do_bench timings of ~0.25 s plus the compiles (an estimate, not yet measured)
     "tests-gpu": 150, "kernels": 60, "tests-default": 60,
 }
@@ -179,6 +181,12 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
                 cmd += [x for sc in scenarios for x in ("--scenario", sc)]
                 steps.append(Step(f"bench-{a}-{label}", "e2e", cmd, m("bench", a), outputs=[f"{what}.json",
                                   f"{what}.png"], env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
+        for a in arches:  # kernels per step at the published shapes, the profiler's count of a graph replay too
+            what = f"{prefix}-{a}-kernels-per-step.json"
+            cmd = [py, "-m", "fastjanus.bench.step_kernels", "--full-size", "--arch", a, "--json", str(out / what)]
+            cmd += ["--device", "cpu"] if dry_run else ["--device", "cuda", "--dtype", "bf16"]
+            steps.append(Step(f"step-kernels-{a}", "e2e", cmd, m("step-kernels", a), outputs=[what],
+                              env=dict(cache_env), needs=f"checkpoint-{a}"))
     if "tests" in parts:
         cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu

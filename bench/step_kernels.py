@@ -15,18 +15,24 @@ top_k off) runs once uncounted, then once under `KernelCounter`:
 - Triton launches, by patching the launch entry points (`JITFunction.run`, and `InterpretedFunction.run`
   when the kernels run in the interpreter); the aten ops a launch does itself (the interpreter copies its
   tensors to the host and back) are not counted.
-On a GPU one aten op can launch more than one kernel (a cuBLAS split-K GEMM launches two) or a memcpy, so this
+On the CPU the decode attention splits its work as on an H100 (132 SMs), so its merge launch is counted
+where a GPU would make it. On a GPU one aten op can launch more than one kernel (a cuBLAS split-K GEMM launches two) or a memcpy, so this
 is a lower bound there; `profile_graph_replay` counts what a captured step's replay really runs (CUDA only).
 
 Published sizes without their weights: the step is the same code for every architecture and only the number
 of decoder layers differs. Tiny checkpoints of the published per-layer structure (the "tiny" preset, with
 the architecture's query/KV head grouping) with 1 and 2 decoder layers give per layer = n(2) − n(1) and
 outside = n(1) − per layer, and an architecture's count is outside + per layer × its num_hidden_layers.
-`count_pipeline` counts a loaded pipeline (any model and device, no scaling); `fastjanus bench` records it.
+`count_pipeline` counts a loaded pipeline (any model and device, no scaling); `fastjanus bench` records it
+(without the profiler, which stays loaded after use and would slow what follows). `--full-size` counts the
+cached full-size random checkpoint of each architecture instead of scaling: on CUDA its graph replay then
+runs the published GEMM shapes, whose cuBLAS kernels (split-K or not) tiny widths do not show. The GPU pass
+runs that.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -39,12 +45,9 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # the kernels run in Triton's interpreter, which must be on before their import
-    os.environ["TRITON_INTERPRET"] = "1"
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from ..config import preset  # noqa: E402
+from ..config import preset
 
 ARCHES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -153,10 +156,32 @@ def count_calls(fn) -> dict:
     return summary(c.ops)
 
 
+H100_SMS = 132
+
+
+@contextlib.contextmanager
+def _gpu_split_rule(sms: int = H100_SMS):
+    """Decode attention's split count as CUDA would choose it on a GPU with `sms` SMs. On the CPU the launcher
+    takes one split (fewest interpreter programs), which skips the merge launch a GPU makes when rows × heads
+    leave it room to split (2 rows × 16 heads: yes; 32 rows × 32 heads: no)."""
+    from ..kernels import decode_attention as da
+    cpu_rule = da.default_splits
+
+    def rule(batch_kv_heads, capacity, block_n, device):
+        return max(1, min(-(-capacity // block_n), -(-4 * sms // batch_kv_heads)))
+    da.default_splits = rule
+    try:
+        yield
+    finally:
+        da.default_splits = cpu_rule
+
+
 def count_step(decoder) -> dict:
     """One eager step() of a StaticDecoder, after an uncounted one (Triton compiles, cuBLAS makes its handles,
-    lazy imports run). Leaves the decoder's state as a warm-up does: start() resets it for the next request."""
-    with torch.inference_mode():
+    lazy imports run). Leaves the decoder's state as a warm-up does: start() resets it for the next request.
+    On the CPU, attention splits as on an H100 (`_gpu_split_rule`)."""
+    split_rule = _gpu_split_rule() if decoder.device.type == "cpu" else contextlib.nullcontext()
+    with torch.inference_mode(), split_rule:
         decoder._reset_for_warmup()
         decoder.step()
         decoder._reset_for_warmup()
@@ -200,9 +225,9 @@ def _decoders(pipe):
             "text": rt._decoder(1, cap, False, None, cap)}
 
 
-def count_pipeline(pipe) -> dict:
+def count_pipeline(pipe, profile: bool = True) -> dict:
     """Kernels of one image step and one text step of a loaded pipeline, as it is (no scaling):
-    {"image": {...}, "text": {...}}, each count_step's result plus, with CUDA Graphs, "graph_replay"."""
+    {"image": {...}, "text": {...}}, each count_step's result plus, with CUDA Graphs and profile, "graph_replay"."""
     if pipe.runtime is None:
         raise ValueError("steps are counted on the static runtime, which only the triton backend has (and a closed "
                          "pipeline has none)")
@@ -210,7 +235,7 @@ def count_pipeline(pipe) -> dict:
         out = {}
         for kind, d in _decoders(pipe).items():
             out[kind] = count_step(d)
-            if pipe.cuda_graphs:
+            if pipe.cuda_graphs and profile:
                 d.ensure_graph()
                 out[kind]["graph_replay"] = profile_graph_replay(d)
     return out
@@ -236,6 +261,7 @@ def _small_model(out: Path, layers: int, group: int) -> Path:
 def _measure(device: str, dtype: torch.dtype, group: int) -> dict[int, dict]:
     """count_pipeline of tiny models with 1 and 2 decoder layers: {layers: result}."""
     from ..engine.pipeline import load
+    _check_interpreter(device)
     res = {}
     with tempfile.TemporaryDirectory(prefix="fastjanus-step-kernels-") as tmp:
         for n in (1, 2):
@@ -258,6 +284,27 @@ def _scale(one: dict, two: dict, layers: int, what: str, summarise) -> dict:
     per, outside = _split(one, two, what)
     total = {k: outside.get(k, 0) + layers * per.get(k, 0) for k in set(per) | set(outside)}
     return {**summarise(total), "per_layer": summarise(per), "outside": summarise(outside)}
+
+
+def _check_interpreter(device: str) -> None:
+    from ..kernels import triton_status
+    if device == "cpu" and not triton_status()[1]:
+        raise RuntimeError("counting on the CPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1 "
+                           "before Python starts (python -m fastjanus.bench.step_kernels does it for you)")
+
+
+def count_checkpoint(arch: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """count_pipeline of the cached full-size random checkpoint of `arch` (written on first use; "tiny" too):
+    the published shapes, no scaling. {"arch", "layers", "device", "dtype", "image", "text"}."""
+    from ..engine.pipeline import load
+    from ..random_init import cached_random_model
+    _check_interpreter(device)
+    with load(cached_random_model(arch), device=device, dtype=dtype, backend="triton",
+              cuda_graphs=device == "cuda") as pipe:
+        res = count_pipeline(pipe)
+        layers = pipe.cfg.language.num_hidden_layers
+    return {"arch": arch, "layers": layers, "device": device, "dtype": str(dtype).replace("torch.", ""), **res,
+            "full_size": True}
 
 
 def count_arch(arch: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -288,6 +335,19 @@ def _parts(s: dict) -> str:
 
 def _ops_line(ops: dict) -> str:
     return ", ".join(f"{k} {n}" for k, n in ops.items())
+
+
+def format_full_size(results: list[dict], device_name: str) -> str:
+    lines = [f"Kernels per decode step of full-size random checkpoints, static runtime (backend triton), "
+             f"{results[0]['dtype']}, counted on {device_name} (no scaling)", ""]
+    for r in results:
+        for kind in ("image", "text"):
+            s = r[kind]
+            g = s.get("graph_replay")
+            replay = (f"; graph replay (profiler): {g['kernels']} kernels, {g['memcpy']} memcpy, {g['memset']} memset"
+                      if g else "")
+            lines.append(f"{r['arch']:14s} {r['layers']:>3d} layers  {kind:5s}  {_parts(s)}{replay}")
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict], device_name: str) -> str:
@@ -334,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device,
                    help=f"where the steps run; cuda also profiles the captured graph's replay (default: "
                         f"{default_device})")
+    p.add_argument("--full-size", action="store_true",
+                   help="count the cached full-size random checkpoint of each --arch (written on first use, GBs) "
+                        "instead of scaling tiny models; on CUDA its graph replay runs the published GEMM shapes")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
                    help="model dtype; the published models run in bf16, fp32 drops the norms' casts (default: bf16)")
     return p
@@ -344,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     archs = args.arch or list(ARCHES)
-    bad = [a for a in archs if a not in ARCHES]
+    valid = ARCHES + (("tiny",) if args.full_size else ())
+    bad = [a for a in archs if a not in valid]
     if bad:
-        p.error(f"unknown --arch {', '.join(map(repr, bad))}; valid: {', '.join(ARCHES)}")
+        p.error(f"unknown --arch {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu")
     if args.device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -355,9 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "fastjanus.bench.step_kernels", *argv],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     from .harness import _triton_version
-    results = [count_arch(a, args.device, DTYPES[args.dtype]) for a in dict.fromkeys(archs)]
+    count = count_checkpoint if args.full_size else count_arch
+    results = [count(a, args.device, DTYPES[args.dtype]) for a in dict.fromkeys(archs)]
     name = _device_name(args.device)
-    print(format_table(results, name))
+    print((format_full_size if args.full_size else format_table)(results, name))
     if args.json:
         report = {"method": METHOD, "device": name, "platform": args.device, "dtype": results[0]["dtype"],
                   "torch": torch.__version__, "triton": _triton_version(),

@@ -18,7 +18,8 @@ GQA group, padded to 16 rows, is the M dimension of tensor-core dot products (QK
 with fp32 accumulation; fp32 caches use exact fp32 dots). Online softmax in fp32 (exp2, the scale folded into
 q). The program whose range holds slot lengths[b] folds in the new token from k_new/v_new (not from the
 cache) and writes it to the cache: no program reads that slot, so there is no race and no separate append
-launch. Pass 2, grid [B·H], merges the live splits' (max, sum, acc).
+launch. Pass 2, grid [B·H], merges the live splits' (max, sum, acc); with one split (many rows × heads
+fill the GPU without splitting) pass 1 writes the output and pass 2 is not launched.
 
 The grid depends only on B, Hkv and the split count, never on the lengths, so it replays in a CUDA Graph.
 Torch reference: `reference.decode_attention_ref` (with `reference.rope_ref` for the rotary).
@@ -58,15 +59,16 @@ def _live_split_len(L, num_splits, BLOCK_N: tl.constexpr):
 @triton.jit
 def _decode_attention_split_kernel(
         q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, len_ptr, rope_ptr, part_o_ptr, part_ml_ptr,
-        stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cs, qk_scale, num_splits,
-        capacity,
+        out_ptr, stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cs, stride_ob, stride_oh,
+        qk_scale, num_splits, capacity, rope_rows,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_F32: tl.constexpr):
+        BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_F32: tl.constexpr, ONE_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
     L = tl.load(len_ptr + b)  # tokens already cached in row b; the new one goes to slot L
+    pos = tl.minimum(L, rope_rows - 1)  # = L under the caller's precondition L < capacity <= rope rows
     split_len = _live_split_len(L, num_splits, BLOCK_N)
     lo = s * split_len
     g = tl.arange(0, GROUP_P)
@@ -77,7 +79,7 @@ def _decode_attention_split_kernel(
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_rows + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)  # [GP, D]
     if HAS_ROPE:
-        q = _rotate(q, q_rows + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], gmask[:, None], rope_ptr, L, d,
+        q = _rotate(q, q_rows + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], gmask[:, None], rope_ptr, pos, d,
                     HALF=HEAD_DIM // 2)
     q = q * qk_scale  # scores come out in log2 units
     q_dot = q.to(k_cache_ptr.dtype.element_ty)  # the tensor cores' operand (a no-op for fp32 caches)
@@ -87,7 +89,7 @@ def _decode_attention_split_kernel(
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-    hi = tl.minimum(lo + split_len, L)
+    hi = tl.minimum(tl.minimum(lo + split_len, L), capacity)  # capacity: never past the row, even if L is
     kv_base = b.to(tl.int64) * stride_cb + hk * stride_ch  # int64: rows·heads·slots·D can pass 2^31
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
@@ -118,7 +120,7 @@ def _decode_attention_split_kernel(
         kn = tl.load(k_new_ptr + nb + d).to(tl.float32)  # [D]
         if HAS_ROPE:
             kn = tl.sum(_rotate(kn[None, :], k_new_ptr + nb + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :],
-                                d[None, :] >= 0, rope_ptr, L, d, HALF=HEAD_DIM // 2), axis=0)
+                                d[None, :] >= 0, rope_ptr, pos, d, HALF=HEAD_DIM // 2), axis=0)
         kn = kn.to(k_cache_ptr.dtype.element_ty)  # what the cache holds, so later steps see the same key
         vn = tl.load(v_new_ptr + nb + d)
         sn = tl.sum(q * kn.to(tl.float32)[None, :], axis=1)  # [GP]
@@ -131,11 +133,15 @@ def _decode_attention_split_kernel(
         tl.store(k_cache_ptr + kv_base + L * stride_cs + d, kn)
         tl.store(v_cache_ptr + kv_base + L * stride_cs + d, vn)
 
-    # partials of the live splits: o [B, H, splits, D], (m, l) [B, H, splits, 2]
-    row = (b * (H_KV * GROUP) + heads) * num_splits + s  # [GP]
-    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
-    tl.store(part_ml_ptr + row * 2, m, mask=gmask)
-    tl.store(part_ml_ptr + row * 2 + 1, l, mask=gmask)
+    if ONE_SPLIT:  # the whole row in this program: the output itself, and no merge launch
+        o = acc / l[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:  # partials of the live splits: o [B, H, splits, D], (m, l) [B, H, splits, 2]
+        row = (b * (H_KV * GROUP) + heads) * num_splits + s  # [GP]
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_ml_ptr + row * 2, m, mask=gmask)
+        tl.store(part_ml_ptr + row * 2 + 1, l, mask=gmask)
 
 
 @triton.jit
@@ -171,14 +177,14 @@ def _interpreted() -> bool:
 
 
 def default_splits(batch_kv_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Enough splits that B·Hkv·splits fills the GPU about 4 times over, each split at least one block.
+    """Enough splits that B·Hkv·splits fills the GPU about 4 times over, each split at least one block. With one
+    split (many rows × heads) the split kernel writes the output and the merge is not launched.
 
-    On the CPU (the interpreter, where every program costs ~20 ms of Python) two splits: enough to exercise
-    the merge, no more."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2 * batch_kv_heads
+    On the CPU (the interpreter, where every program costs ~15 ms of Python) one split: the fewest programs
+    and launches. The kernel tests pass num_splits explicitly to test the merge."""
+    if device.type != "cuda":
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     max_splits = triton.cdiv(capacity, block_n)
     return max(1, min(max_splits, triton.cdiv(target, batch_kv_heads)))
 
@@ -217,20 +223,28 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     group = H // Hkv
     group_p = max(triton.next_power_of_2(group), 16)  # tl.dot needs M >= 16: padded rows are masked
     if block_n is None:
-        block_n = 64 if D <= 128 else 32  # [BN, D] K and V tiles of 16 KiB each in bf16
+        # [BN, D] K and V tiles of 16 KiB each (bf16/fp16 at D = 128, BN = 64; fp32 gets half the slots), staged
+        # twice through shared memory (num_stages=2): 64 KiB, inside every GPU's per-block limit (99 KiB on
+        # sm_86/89); three stages of fp32 tiles would pass A100's 163 KiB
+        block_n = max(16, min(64, 16384 // (D * q.element_size())))
     assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
     if num_splits is None:
         num_splits = default_splits(B * Hkv, S, block_n, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(S, block_n)))
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * _LOG2E
-    part_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(B, H, num_splits, 2, dtype=torch.float32, device=q.device)
+    one = num_splits == 1
+    part_o = torch.empty(0 if one else B * H * num_splits * D, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(0 if one else B * H * num_splits * 2, dtype=torch.float32, device=q.device)
     _decode_attention_split_kernel[(B * Hkv, num_splits)](
-        q, k_new, v_new, k_cache, v_cache, lengths, rope if rope is not None else part_ml, part_o, part_ml,
+        q, k_new, v_new, k_cache, v_cache, lengths, rope if rope is not None else out, part_o, part_ml, out,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale, num_splits, S,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), scale, num_splits,
+        S, rope.shape[0] if rope is not None else 1,
         H_KV=Hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_N=block_n, HAS_ROPE=rope is not None,
-        DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreted()), num_warps=4)
+        DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreted()), ONE_SPLIT=one,
+        num_warps=4, num_stages=2)
+    if one:
+        return out
     _decode_attention_merge_kernel[(B * H,)](
         part_o, part_ml, lengths, out, out.stride(0), out.stride(1), num_splits,
         H=H, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_S=max(triton.next_power_of_2(num_splits), 2), num_warps=4)

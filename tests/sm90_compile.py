@@ -52,9 +52,13 @@ PTX: dict[str, list[str]] = {}
 _run = JITFunction.run
 
 
+SHARED: dict[str, int] = {}  # the most shared memory each kernel asked for, bytes
+
+
 def _compile_only(self, *args, grid, warmup, **kwargs):
     k = _run(self, *args, grid=grid, warmup=True, **kwargs)
     PTX.setdefault(self.fn.__name__, []).append(k.asm["ptx"])
+    SHARED[self.fn.__name__] = max(SHARED.get(self.fn.__name__, 0), int(k.metadata.shared))
     return k
 
 
@@ -63,6 +67,7 @@ JITFunction.run = _compile_only
 from fastjanus.kernels.activation import silu_mul  # noqa: E402
 from fastjanus.kernels.cfg_sample import cfg_sample  # noqa: E402
 from fastjanus.kernels.decode_attention import decode_attention  # noqa: E402
+from fastjanus.kernels.reference import rope_table  # noqa: E402
 from fastjanus.kernels.rmsnorm import add_rmsnorm  # noqa: E402
 from fastjanus.kernels.vq_lookup import vq_lookup  # noqa: E402
 
@@ -72,6 +77,11 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         r = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
         decode_attention(r(B, H, D), r(B, Hkv, D), r(B, Hkv, D), r(B, Hkv, S, D), r(B, Hkv, S, D),
                          torch.zeros(B, dtype=torch.int32), num_splits=11)
+        # the decode step's call: q/k/v views of one QKV output, rotary from the position table
+        q, kn, vn = r(B, (H + 2 * Hkv) * D).split((H * D, Hkv * D, Hkv * D), dim=1)
+        decode_attention(q.unflatten(1, (H, D)), kn.unflatten(1, (Hkv, D)), vn.unflatten(1, (Hkv, D)),
+                         r(B, Hkv, S, D), r(B, Hkv, S, D), torch.zeros(B, dtype=torch.int32),
+                         rope=rope_table(16384, D, 10000.0), num_splits=11)
     for n, V, paired in [(16, 16384, True), (1, 102400, False)]:
         w, t = torch.tensor([5.0]), torch.tensor([1.0])
         seed, step = torch.tensor([1], dtype=torch.int64), torch.tensor([0], dtype=torch.int64)
@@ -88,5 +98,5 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for I in (5632, 11008):  # their MLP intermediate sizes
             silu_mul(torch.randn(M, 2 * I).to(dtype))
 
-json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()},
+json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()}, "shared": SHARED,
            "fma_in": sorted(k for k, v in PTX.items() if any("fma.rn.f32" in p for p in v))}, sys.stdout)

@@ -236,7 +236,10 @@ def test_partial_reports_and_the_time_limit(tiny_dir):
     cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", scenarios=("t2i-1", "vq-decode"), repeats=1,
                       warmup=0, baselines=(), progress=False)
     rep = run_bench(cfg, log=lambda s: None, on_update=updates.append)
-    assert [[s["name"] for s in u["scenarios"]] for u in updates] == [["t2i-1"], ["t2i-1", "vq-decode"]]
+    # one snapshot per scenario, and one more once the kernels per step are counted (after the scenarios)
+    assert [[s["name"] for s in u["scenarios"]] for u in updates] == [["t2i-1"], ["t2i-1", "vq-decode"],
+                                                                       ["t2i-1", "vq-decode"]]
+    assert isinstance(updates[1]["step_kernels"], str) and updates[2]["step_kernels"] == rep["step_kernels"]
     assert all(u["partial"] for u in updates) and rep["partial"] is False and rep["scenarios"][0]["runs"] == 1
     cfg = BenchConfig(arch=None, model=str(tiny_dir), device="cpu", scenarios=("t2i-1", "vq-decode"), repeats=3,
                       warmup=0, baselines=(), progress=False, time_limit=1e-6)

@@ -30,13 +30,14 @@ def test_dry_run_end_to_end(dry):
     assert all(p.stat().st_size <= gp.MAX_FILE_BYTES for p in files)
     names = {p.name.split("-", 4)[-1] for p in files}  # cpu-YYYY-MM-DD-<what>
     assert names == {"kernels.json", "pass-tests-kernels-e2e-tiny.json", "pass-tests-kernels-e2e-tiny.log",
-                     "tiny-graphs.json", "tiny-graphs.png", "tiny-eager.json", "tiny-eager.png"}, names
+                     "tiny-graphs.json", "tiny-graphs.png", "tiny-eager.json", "tiny-eager.png",
+                     "tiny-kernels-per-step.json"}, names
     rep = json.loads(next(out.glob("*-pass-*.json")).read_text())
     assert rep["finished"] and rep["skipped"] == [] and rep["environment"]["dry_run"] is True
     assert rep["environment"]["versions"]["torch"] == torch.__version__
     steps = {s["name"]: s for s in rep["steps"]}
     assert list(steps) == ["checkpoint-tiny", "tests-gpu", "kernels", "bench-tiny-graphs", "bench-tiny-eager",
-                           "tests-default"]
+                           "step-kernels-tiny", "tests-default"]
     assert all(s["status"] == "ok" and s["seconds"] >= 0 for s in steps.values())
     t = steps["tests-gpu"]["tests"]  # CUDA is hidden from a dry run's steps: every GPU test skips
     assert t["source"] == "junit" and t["passed"] == 0 and t["skipped"] > 20 and t["failed"] == 0
@@ -51,6 +52,9 @@ def test_dry_run_end_to_end(dry):
     assert steps["bench-tiny-graphs"]["bench"]["left_out"] == []
     k = json.loads(next(out.glob("*-kernels.json")).read_text())
     assert k["dry_run"] is True and {r["kernel"] for r in k["results"]} >= {"decode_attention", "cfg_sample"}
+    sk = json.loads(next(out.glob("*-tiny-kernels-per-step.json")).read_text())
+    img = sk["archs"]["tiny"]["image"]  # the tiny model as it is (2 layers): 9 per layer + 9 outside
+    assert sk["platform"] == "cpu" and img["total"] == 2 * 9 + 9 and "graph_replay" not in img
     log = next(out.glob("*-pass-*.log")).read_text()
     for name in steps:
         assert f"# ===== {name} " in log
@@ -65,7 +69,7 @@ def test_the_table_reads_the_dry_run(dry):
     notes = []
     md = table(sorted(str(p) for p in out.glob("*.json")), log=notes.append)
     assert md.count("| CPU RUN (not a GPU figure)") == 9  # 5 + 4 scenario rows, each marked as a CPU run
-    assert len(notes) == 2  # the pass report and the kernel file are not bench reports
+    assert len(notes) == 3  # the pass report and the two kernel files are not bench reports
 
 
 def test_steps_that_do_not_fit_the_budget_are_skipped_and_listed(tmp_path):
@@ -92,9 +96,10 @@ def test_a_step_past_its_time_is_stopped(tmp_path):
 def test_plans_stay_within_what_a_device_run_returns(tmp_path):
     def files(parts, arches):
         return gp.count_files(gp.plan_steps(tmp_path, tmp_path, "x", "t", parts, arches, dry_run=False))
-    assert files(["tests", "kernels", "e2e"], ["janus-pro-1b"]) == 7
-    assert files(["e2e"], ["janus-pro-7b"]) == 6 and files(["tests", "kernels"], []) == 3
-    assert files(["e2e"], ["janus-pro-1b", "janus-pro-7b"]) == 10 > gp.MAX_FILES  # refused by main
+    # e2e per arch: two bench JSONs and plots, and the kernels-per-step JSON
+    assert files(["tests", "kernels", "e2e"], ["janus-pro-1b"]) == 8
+    assert files(["e2e"], ["janus-pro-7b"]) == 7 and files(["tests", "kernels"], []) == 3
+    assert files(["e2e"], ["janus-pro-1b", "janus-pro-7b"]) == 12 > gp.MAX_FILES  # refused by main
 
 
 def test_refusals(tmp_path, capsys):

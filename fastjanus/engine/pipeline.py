@@ -413,7 +413,8 @@ class JanusPipeline:
     @torch.inference_mode()
     def decode_image_pixels(self, codes, batch_size: int | None = None) -> torch.Tensor:
         """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device).
-        batch_size: images per VQ decoder call (default: what the memory plan leaves room for, at most 8)."""
+        batch_size: images per VQ decoder call (default: what the memory plan leaves room for, at most 16; 8
+        without a plan)."""
         if batch_size is None:
             batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
         check_count("batch_size", batch_size)

@@ -8,7 +8,14 @@ the lengths and runs from device state alone (graph-replayable). Rotary position
 
 After loading, `fuse()` makes the inference layout (`LlamaModel.fuse`): q/k/v and gate/up each become one
 weight (the official parameters stay, as views into it, so nothing is stored twice and the state dict keeps
-the official names) and the rotary cos/sin of every position is tabulated once.
+the official names) and the rotary cos/sin of every position is tabulated once. Two consequences: the state
+dict's q/k/v (gate/up) share storage, so safetensors' save_file refuses it as is (clone the tensors first);
+and the model must not be moved or cast after fuse() (.to() would convert the views and the fused weight
+separately: two copies, and the GEMMs would read the fused one). load() fuses after placing the weights.
+
+Rounding: the decode step rotates q and k in fp32 with fp32 cos/sin and rounds once, and SiLU·mul rounds
+once; the prefill (and the official code) work in the model dtype with cos/sin rounded to it. In fp32 the
+two agree to rounding; in bf16 the decode step is the more accurate of the two.
 
 The decode step (one token per row) runs 9 kernels per layer: RMSNorm fused with the residual add (×2), the
 QKV GEMM, attention with the rotary inside (split + merge), o_proj, the gate/up GEMM, SiLU·mul, down.
@@ -127,7 +134,7 @@ def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
 def _fuse_linears(parts: list[nn.Linear]) -> torch.Tensor:
     """One weight [sum of outs, in] from bias-free Linears, whose weights become views into it (the official
     parameters stay for the state dict, with no second copy). The concatenation briefly holds one layer's
-    parts twice: at most 172 MB (Pro-7B's gate/up in bf16), never the whole model."""
+    parts twice: at most 172 MiB (Pro-7B's gate/up in bf16), never the whole model."""
     w = torch.cat([m.weight.detach() for m in parts])
     at = 0
     for m in parts:
