@@ -16,8 +16,9 @@ top_k off) runs once uncounted, then once under `KernelCounter`:
   when the kernels run in the interpreter); the aten ops a launch does itself (the interpreter copies its
   tensors to the host and back) are not counted.
 On the CPU the decode attention splits its work as on an H100 (132 SMs), so its merge launch is counted
-where a GPU would make it. On a GPU one aten op can launch more than one kernel (a cuBLAS split-K GEMM launches two) or a memcpy, so this
-is a lower bound there; `profile_graph_replay` counts what a captured step's replay really runs (CUDA only).
+where a GPU would make it. On a GPU one aten op can launch more than one kernel (a cuBLAS split-K GEMM
+launches two) or a memcpy, so this is a lower bound there; `profile_graph_replay` counts what a captured
+step's replay really runs (CUDA only).
 
 Published sizes without their weights: the step is the same code for every architecture and only the number
 of decoder layers differs. Tiny checkpoints of the published per-layer structure (the "tiny" preset, with
