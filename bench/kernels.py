@@ -15,6 +15,13 @@ those kernels: `x + residual` then the Llama `RMSNorm` module; `F.silu(gate) * u
 GEMM output; the rotary in torch (`rotary_cos_sin` at the rows' lengths, `apply_rotary` on q and k) then the
 kernel without `rope`. That sequence computed cos/sin once per step for all layers, so its row also gives
 `cos_sin_ms` alone: per layer, the torch side cost `torch_ms` less (layers − 1)/layers of it.
+
+`skinny_gemm` times the split-K Triton GEMM (`kernels.skinny_gemm`, default split and blocks) against
+`F.linear` (cuBLAS) on the four decode GEMMs of each model (QKV, o_proj, gate_up, down: weight [N, K]) at
+M = 2, 8, 32 rows; `skinny_gemm+silu_mul` times the fused gate/up GEMM + SiLU·mul against `F.linear` then the
+`kernels.activation.silu_mul` kernel (what the decode step runs). Their rows add `winner` ("triton" or
+"cublas": the faster of the two), `split_k`, `block_n` and `block_k`: the input of the per-shape table that
+decides where the Triton GEMM replaces cuBLAS (it is the default nowhere until such a table is committed).
 """
 from __future__ import annotations
 
@@ -77,6 +84,12 @@ def silu_mul_bytes(rows: int, intermediate: int, elem: int) -> int:
     return 3 * rows * intermediate * elem
 
 
+def skinny_gemm_bytes(rows: int, n: int, k: int, elem: int, n_out: int | None = None) -> int:
+    """The weight [n, k] read once, the activations x [rows, k] read and y [rows, n_out] written (n_out = n, or
+    the intermediate size n / 2 with the SiLU·mul epilogue)."""
+    return (n * k + rows * k + rows * (n if n_out is None else n_out)) * elem
+
+
 def sample_bytes(rows: int, vocab: int, elem: int) -> int:
     """Minimum traffic of the fused sampler: every logit read once (the outputs are a few bytes per pair)."""
     return rows * vocab * elem
@@ -126,6 +139,7 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
     from ..kernels.decode_attention import decode_attention
     from ..kernels.reference import decode_attention_ref, rope_table, vq_lookup_ref
     from ..kernels.rmsnorm import add_rmsnorm
+    from ..kernels.skinny_gemm import skinny_gemm, skinny_gemm_config
     from ..kernels.vq_lookup import vq_lookup
     from ..models.llama import RMSNorm, apply_rotary, rotary_cos_sin
 
@@ -203,6 +217,34 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
             results.append(_row("silu_mul", {"arch": arch, "rows": rows, "intermediate": inter}, ms, ref_ms,
                                 silu_mul_bytes(rows, inter, elem), bw))
 
+        # the decode step's GEMMs, weight [N, K] (nn.Linear layout, as fused at load: [q; k; v] and [gate; up])
+        D, inter = c.hidden_size, c.intermediate_size
+        gemms = [("qkv", (heads + 2 * hkv) * hd, D), ("o_proj", D, heads * hd), ("gate_up", 2 * inter, D),
+                 ("down", D, inter)]
+        for gemm, N, K in gemms:
+            w = r(N, K) / K ** 0.5
+            for rows in sh.rows:
+                x = r(rows, K)
+                out = torch.empty(rows, N, dtype=dtype, device=dev)
+                bn, bk, split, _ = skinny_gemm_config(rows, N, K, dtype, x.device)
+                ms = timer(lambda: skinny_gemm(x, w, out=out))
+                ref_ms = timer(lambda: F.linear(x, w))
+                results.append(_row("skinny_gemm", {"arch": arch, "gemm": gemm, "rows": rows, "n": N, "k": K}, ms,
+                                    ref_ms, skinny_gemm_bytes(rows, N, K, elem), bw,
+                                    winner="triton" if ms < ref_ms else "cublas", split_k=split, block_n=bn,
+                                    block_k=bk))
+        w = r(2 * inter, D) / D ** 0.5  # [gate; up]
+        for rows in sh.rows:
+            x = r(rows, D)
+            out, out_ref = (torch.empty(rows, inter, dtype=dtype, device=dev) for _ in range(2))
+            bn, bk, split, _ = skinny_gemm_config(rows, inter, D, dtype, x.device)
+            ms = timer(lambda: skinny_gemm(x, w, epilogue="silu_mul", out=out))
+            ref_ms = timer(lambda: silu_mul(F.linear(x, w), out=out_ref))
+            results.append(_row("skinny_gemm+silu_mul", {"arch": arch, "gemm": "gate_up", "rows": rows,
+                                                         "n": 2 * inter, "k": D, "intermediate": inter}, ms, ref_ms,
+                                skinny_gemm_bytes(rows, 2 * inter, D, elem, n_out=inter), bw,
+                                winner="triton" if ms < ref_ms else "cublas", split_k=split, block_n=bn, block_k=bk))
+
     for rows in sh.rows:
         logits = r(rows, sh.codebook)
         w, t, seed, step = (torch.tensor([5.0], device=dev), torch.tensor([1.0], device=dev),
@@ -245,7 +287,8 @@ def format_table(report: dict) -> str:
              f"{'kernel':28s} {'shape':{w}s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
     for r, shape in zip(report["results"], shapes):
         lines.append(f"{r['kernel']:28s} {shape:{w}s} {r['ms']:8.4f} {r['torch_ms']:9.4f} {r['speedup']:6.1f} "
-                     f"{r['gbs']:7.0f} {r['roofline_fraction']:5.0%}")
+                     f"{r['gbs']:7.0f} {r['roofline_fraction']:5.0%}"
+                     + (f"  {r['winner']} (split_k {r['split_k']})" if "winner" in r else ""))
     return "\n".join(lines)
 
 

@@ -81,3 +81,16 @@ def silu_mul_ref(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> t
     g, u = gate_up.chunk(2, dim=-1)
     y = (F.silu(g.float()) * u.float()).to(gate_up.dtype)
     return out.copy_(y) if out is not None else y
+
+
+def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor, *, epilogue: str | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `skinny_gemm`: x [M, K] @ w [N, K].T computed in fp32 and rounded once to the dtype; with
+    epilogue "silu_mul" (w the fused [gate; up] weight [2I, K]) silu(y[:, :I]) · y[:, I:] of the fp32 y, rounded
+    once."""
+    assert epilogue in (None, "silu_mul"), f"epilogue must be None or 'silu_mul', got {epilogue!r}"
+    y = F.linear(x.float(), w.float())
+    if epilogue == "silu_mul":
+        y = silu_mul_ref(y)  # fp32 in, fp32 out: no rounding yet
+    y = y.to(x.dtype)
+    return out.copy_(y) if out is not None else y

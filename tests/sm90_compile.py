@@ -69,6 +69,7 @@ from fastjanus.kernels.cfg_sample import cfg_sample  # noqa: E402
 from fastjanus.kernels.decode_attention import decode_attention  # noqa: E402
 from fastjanus.kernels.reference import rope_table  # noqa: E402
 from fastjanus.kernels.rmsnorm import add_rmsnorm  # noqa: E402
+from fastjanus.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 from fastjanus.kernels.vq_lookup import vq_lookup  # noqa: E402
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -97,6 +98,19 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             add_rmsnorm(x, weight=w, eps=1e-6, residual=torch.randn(M, D).to(dtype))
         for I in (5632, 11008):  # their MLP intermediate sizes
             silu_mul(torch.randn(M, 2 * I).to(dtype))
+
+# The skinny GEMM (bf16 and fp32: fp16 takes bf16's path), Pro-1B's decode GEMMs (D 2048, I 5632): plain on the
+# QKV and down shapes, silu_mul on gate_up; one split (one launch) and three (partials + reduce); 2 rows, and
+# the most shared memory it can ask for (64 rows, the launcher's limit, with silu_mul's two weight tiles).
+# Every published N and K is a multiple of 16, so the other GEMMs and Pro-7B's compile to the same
+# specialisations. Measured: every shape × 3 dtypes × 2 and 32 rows took 44 s here and found nothing more.
+for dtype in (torch.bfloat16, torch.float32):
+    for N, K, silu in ((3 * 2048, 2048, False), (2048, 5632, False), (2 * 5632, 2048, True)):
+        for split in (1, 3):
+            skinny_gemm(torch.empty(2, K, dtype=dtype), torch.empty(N, K, dtype=dtype),
+                        epilogue="silu_mul" if silu else None, split_k=split)
+    skinny_gemm(torch.empty(64, 2048, dtype=dtype), torch.empty(2 * 5632, 2048, dtype=dtype), epilogue="silu_mul",
+                split_k=1)
 
 json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()}, "shared": SHARED,
            "fma_in": sorted(k for k, v in PTX.items() if any("fma.rn.f32" in p for p in v))}, sys.stdout)

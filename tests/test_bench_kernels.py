@@ -25,6 +25,10 @@ def test_byte_counts_by_hand():
     assert kb.add_rmsnorm_bytes(2, 2048, 2) == 4 * 8192 + 4096
     # 2 rows × 5632 bf16: [2, 11264] read (45056 bytes) + [2, 5632] written (22528)
     assert kb.silu_mul_bytes(2, 5632, 2) == 45056 + 22528
+    # Pro-1B QKV at 2 rows, bf16: the [6144, 2048] weight (24 MiB) + x [2, 2048] read + y [2, 6144] written
+    assert kb.skinny_gemm_bytes(2, 6144, 2048, 2) == 6144 * 2048 * 2 + 8192 + 24576
+    # gate_up with SiLU·mul: the [11264, 2048] weight + x [2, 2048] + out [2, 5632]
+    assert kb.skinny_gemm_bytes(2, 11264, 2048, 2, n_out=5632) == 11264 * 2048 * 2 + 8192 + 22528
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -40,10 +44,19 @@ def test_dry_run_covers_every_kernel(tmp_path):
     p = subprocess.run([sys.executable, "-m", "fastjanus.bench.kernels", "--dry-run", "--json", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
-    names = ["decode_attention", "decode_attention+rope", "add_rmsnorm", "silu_mul", "cfg_sample",
-             "vq_lookup+post_quant_conv"]
+    # the toy model at 2 rows: one row per kernel, the skinny GEMM on its four GEMMs (QKV, o, gate_up, down)
+    names = ["decode_attention", "decode_attention+rope", "add_rmsnorm", "silu_mul", *["skinny_gemm"] * 4,
+             "skinny_gemm+silu_mul", "cfg_sample", "vq_lookup+post_quant_conv"]
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and [r["kernel"] for r in report["results"]] == names
     assert all(r["ms"] > 0 and r["torch_ms"] > 0 and r["bytes"] > 0 for r in report["results"])
     assert report["results"][1]["cos_sin_ms"] > 0
+    gemms = [r for r in report["results"] if r["kernel"].startswith("skinny_gemm")]
+    assert [r["shape"]["gemm"] for r in gemms] == ["qkv", "o_proj", "gate_up", "down", "gate_up"]
+    # tiny preset: hidden 64, intermediate 128, 4 heads + 2 × 2 kv heads of 16
+    assert [(r["shape"]["n"], r["shape"]["k"]) for r in gemms] == [(128, 64), (64, 64), (256, 64), (64, 128),
+                                                                   (256, 64)]
+    assert all(r["winner"] in ("triton", "cublas") and r["split_k"] == 1 and r["shape"]["rows"] == 2
+               for r in gemms)  # one split on the CPU
+    assert gemms[-1]["shape"]["intermediate"] == 128 and gemms[-1]["bytes"] == (256 * 64 + 2 * 64 + 2 * 128) * 2
     assert "DRY RUN" in p.stdout and all(f"\n{n} " in p.stdout for n in names)

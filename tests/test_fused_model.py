@@ -120,3 +120,34 @@ def test_fused_decode_steps_match_across_backends(tiny_dir, fp32_logits, dtype):
     assert torch.equal(got_cache.lengths, ref_cache.lengths)
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got_cache.k.float(), ref_cache.k.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_decode_step_where_the_table_picks_the_skinny_gemm(tiny_dir, monkeypatch, split_k):
+    """kernels/gemm_table.py is empty until a GPU measures the skinny GEMM ahead of cuBLAS; here every decode GEMM
+    is routed to it, to check the wiring: same logits, and one launch fewer per layer with one split (the
+    SiLU·mul rides in the gate/up GEMM)."""
+    pytest.importorskip("triton")
+    from fastjanus.bench.step_kernels import count_calls
+    from fastjanus.kernels import gemm_table
+    pipe = fastjanus.load(tiny_dir, device=DEV, dtype=torch.float32, backend="triton", cuda_graphs=False)
+    rows = fastjanus.engine.pipeline.image_token_rows(pipe.tokenizer, pipe.cfg, ["fox", "a lighthouse at dusk"], 1)
+    step = torch.tensor([5, 5, 17, 17], device=DEV)
+
+    def run():
+        cache = pipe.runner.new_cache(len(rows), max(len(r) for r in rows) + 4)
+        pipe.runner.prefill(rows, cache)
+        with torch.inference_mode():
+            logits = pipe.runner.decode(step, cache, paired=True)
+            counts = count_calls(lambda: pipe.runner.decode(step, cache, paired=True))
+        return logits, counts
+
+    ref, ref_counts = run()
+    monkeypatch.setattr(gemm_table, "lookup", lambda x, w, epilogue: split_k)
+    got, counts = run()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    layers = pipe.cfg.language.num_hidden_layers
+    assert counts["ops"].get("mm", 0) == 0 and ref_counts["ops"]["mm"] == 4 * layers
+    assert counts["ops"]["triton:_skinny_gemm_kernel"] == 4 * layers
+    if split_k == 1:
+        assert counts["total"] == ref_counts["total"] - layers

@@ -116,7 +116,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class DecodeOps:
     """The fused ops of a decode step, from one backend (see the module docstring)."""
     add_rmsnorm: Callable  # (x, *, weight, eps, residual=None) → normed; residual ← x + residual in place
-    silu_mul: Callable  # (gate_up [B, 2I]) → [B, I]
+    linear: Callable  # (x [B, K], w [N, K]) → [B, N]
+    linear_silu_mul: Callable  # (x [B, D], gate_up weight [2I, D]) → silu(gate) · up [B, I]
     attention: Callable  # (q, k_new, v_new, k_cache, v_cache, lengths, *, rope) → [B, H, hd]; appends k/v
 
 
@@ -124,11 +125,13 @@ def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
     """bound (torch backend): a host-side upper limit on every row's new length, so eager attention reads only
     cache[:bound]; None reads the whole cache."""
     if backend == "triton":
-        from ..kernels.activation import silu_mul
+        from ..kernels import gemm_table
         from ..kernels.decode_attention import decode_attention
         from ..kernels.rmsnorm import add_rmsnorm
-        return DecodeOps(add_rmsnorm, silu_mul, decode_attention)
-    return DecodeOps(ref.add_rmsnorm_ref, ref.silu_mul_ref, partial(ref.decode_attention_ref, bound=bound))
+        # GEMMs: cuBLAS, or the Triton skinny GEMM where a committed GPU measurement says it is faster
+        return DecodeOps(add_rmsnorm, gemm_table.linear, gemm_table.linear_silu_mul, decode_attention)
+    return DecodeOps(ref.add_rmsnorm_ref, F.linear, lambda x, w: ref.silu_mul_ref(F.linear(x, w)),
+                     partial(ref.decode_attention_ref, bound=bound))
 
 
 def _fuse_linears(parts: list[nn.Linear]) -> torch.Tensor:
@@ -158,9 +161,9 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         self.register_buffer("qkv_weight", _fuse_linears([self.q_proj, self.k_proj, self.v_proj]), persistent=False)
 
-    def _qkv(self, x: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, linear=F.linear):
         """x [..., D] → q [..., H, hd], k, v [..., Hkv, hd]: views of one GEMM's output."""
-        qkv = F.linear(x, self.qkv_weight)
+        qkv = linear(x, self.qkv_weight)
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
         return q.unflatten(-1, (H, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
@@ -179,9 +182,9 @@ class Attention(nn.Module):
         """x [B, D], one new token per row at slot lengths[b] (its rotary position); attends over slots
         0..lengths[b] and appends the new K/V (rotated) to the cache."""
         B, _ = x.shape
-        q, k, v = self._qkv(x)  # [B, H, hd], [B, Hkv, hd] ×2 (views of one [B, (H + 2·Hkv)·hd] buffer)
+        q, k, v = self._qkv(x, ops.linear)  # [B, H, hd], [B, Hkv, hd] ×2 (views of one [B, (H + 2·Hkv)·hd] buffer)
         o = ops.attention(q, k, v, k_cache, v_cache, lengths, rope=rope)  # [B, H, hd]
-        return self.o_proj(o.reshape(B, -1))
+        return ops.linear(o.reshape(B, -1), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -200,7 +203,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(g) * u)
 
     def decode(self, x, ops: DecodeOps):  # [B, D]
-        return self.down_proj(ops.silu_mul(F.linear(x, self.gate_up_weight)))
+        return ops.linear(ops.linear_silu_mul(x, self.gate_up_weight), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,46 @@
+"""Which decode-step GEMMs run the Triton skinny GEMM (`skinny_gemm.py`) instead of cuBLAS: per GPU and shape,
+from measurements only.
+
+An entry goes in only from a GPU run of `python -m fastjanus.bench.kernels` (committed under bench/results/)
+whose `skinny_gemm` or `skinny_gemm+silu_mul` row at that shape has winner "triton". No GPU has measured it
+yet, so the table is empty: every shape uses cuBLAS (and, for gate/up, the separate SiLU·mul kernel).
+
+Key: (GPU name as torch.cuda.get_device_name reports it, dtype name, M, N, K, epilogue) → split_k, where
+x is [M, K] and the weight [N, K]; epilogue None or "silu_mul" (N = 2·I, the fused gate/up weight).
+The lookup runs on the host when a step is built (once per captured graph), never inside a replay.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TABLE: dict[tuple[str, str, int, int, int, str | None], int] = {}
+
+
+def lookup(x: torch.Tensor, w: torch.Tensor, epilogue: str | None) -> int | None:
+    """The measured split_k for this GEMM on this GPU, or None: cuBLAS."""
+    if not TABLE or not x.is_cuda:
+        return None
+    key = (torch.cuda.get_device_name(x.device), str(x.dtype).removeprefix("torch."), x.shape[0], w.shape[0],
+           w.shape[1], epilogue)
+    return TABLE.get(key)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]ᵀ → [M, N]: the skinny GEMM where the table says so, else cuBLAS."""
+    split_k = lookup(x, w, None)
+    if split_k is None:
+        return F.linear(x, w)
+    from .skinny_gemm import skinny_gemm
+    return skinny_gemm(x, w, split_k=split_k)
+
+
+def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with the fused gate/up weight w [2I, K] → silu(gate) · up [M, I]: one skinny-GEMM launch where
+    the table says so, else cuBLAS and the SiLU·mul kernel."""
+    split_k = lookup(x, w, "silu_mul")
+    if split_k is None:
+        from .activation import silu_mul
+        return silu_mul(F.linear(x, w))
+    from .skinny_gemm import skinny_gemm
+    return skinny_gemm(x, w, epilogue="silu_mul", split_k=split_k)
