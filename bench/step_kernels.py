@@ -169,7 +169,7 @@ def _gpu_split_rule(sms: int = H100_SMS):
     cpu_rule = da.default_splits
 
     def rule(batch_kv_heads, capacity, block_n, device):
-        return max(1, min(-(-capacity // block_n), -(-4 * sms // batch_kv_heads)))
+        return da.gpu_splits(batch_kv_heads, capacity, block_n, sms)
     da.default_splits = rule
     try:
         yield

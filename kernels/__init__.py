@@ -10,6 +10,7 @@ run through Triton's interpreter, which must be switched on *before* Triton is f
 """
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -25,3 +26,13 @@ def triton_status() -> tuple[bool, bool, str]:
     except (ImportError, AttributeError):  # older Triton without knobs
         interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return True, interp, triton.__version__
+
+
+@functools.lru_cache(maxsize=1)
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (fixed once Triton is imported), cached for launchers.
+
+    Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw 16-bit integers (a 16×16 test gave errors
+    of 1e10), so the launchers widen bf16 dot operands to fp32 there: the same products (bf16 × bf16 is exact
+    in fp32) and fp32 accumulation, as the tensor cores do; only the summation order differs."""
+    return triton_status()[1]

@@ -26,12 +26,13 @@ Torch reference: `reference.decode_attention_ref` (with `reference.rope_ref` for
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreted
 
 _LOG2E = 1.4426950408889634
 
@@ -167,15 +168,6 @@ def _decode_attention_merge_kernel(part_o_ptr, part_ml_ptr, len_ptr, out_ptr, st
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=1)
-def _interpreted() -> bool:
-    """Triton's interpreter (3.9) multiplies bf16 tl.dot operands as raw 16-bit integers (a 16×16 test gave
-    errors of 1e10), so there the bf16 operands are widened to fp32 first: the same products (bf16 × bf16 is
-    exact in fp32) and fp32 accumulation, as the tensor cores do; only the summation order differs."""
-    from . import triton_status
-    return triton_status()[1]
-
-
 def default_splits(batch_kv_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
     """Enough splits that B·Hkv·splits fills the GPU about 4 times over, each split at least one block. With one
     split (many rows × heads) the split kernel writes the output and the merge is not launched.
@@ -184,9 +176,12 @@ def default_splits(batch_kv_heads: int, capacity: int, block_n: int, device: tor
     and launches. The kernel tests pass num_splits explicitly to test the merge."""
     if device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    max_splits = triton.cdiv(capacity, block_n)
-    return max(1, min(max_splits, triton.cdiv(target, batch_kv_heads)))
+    return gpu_splits(batch_kv_heads, capacity, block_n, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def gpu_splits(batch_kv_heads: int, capacity: int, block_n: int, sms: int) -> int:
+    """default_splits' rule for a GPU with `sms` SMs (the kernel counter applies it on the CPU too)."""
+    return max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(4 * sms, batch_kv_heads)))
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -241,7 +236,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), scale, num_splits,
         S, rope.shape[0] if rope is not None else 1,
         H_KV=Hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, BLOCK_N=block_n, HAS_ROPE=rope is not None,
-        DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreted()), ONE_SPLIT=one,
+        DOT_F32=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreted()), ONE_SPLIT=one,
         num_warps=4, num_stages=2)
     if one:
         return out

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .activation import silu_mul
+from .skinny_gemm import skinny_gemm
+
 TABLE: dict[tuple[str, str, int, int, int, str | None], int] = {}
 
 
@@ -31,7 +34,6 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     split_k = lookup(x, w, None)
     if split_k is None:
         return F.linear(x, w)
-    from .skinny_gemm import skinny_gemm
     return skinny_gemm(x, w, split_k=split_k)
 
 
@@ -40,7 +42,5 @@ def linear_silu_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     the table says so, else cuBLAS and the SiLU·mul kernel."""
     split_k = lookup(x, w, "silu_mul")
     if split_k is None:
-        from .activation import silu_mul
         return silu_mul(F.linear(x, w))
-    from .skinny_gemm import skinny_gemm
     return skinny_gemm(x, w, epilogue="silu_mul", split_k=split_k)

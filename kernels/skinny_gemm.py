@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import _interpreted
+from . import interpreted
 from .rmsnorm import disjoint
 
 MAX_M = 64  # rows live in one padded tile (BLOCK_M ≤ 64) next to the weight tiles in shared memory
@@ -69,7 +69,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, N_OUT, K, stride_
         w_off = nl[:, None] * K + k[None, :]
         wmask = nmask[:, None] & kmask[None, :]
         wt = tl.load(w_base + w_off, mask=wmask, other=0.0)  # [BN, BK]: BK contiguous elements per weight row
-        if DOT_F32:  # fp32 inputs (exact fp32 products), or bf16 in the interpreter (see _interpreted)
+        if DOT_F32:  # fp32 inputs (exact fp32 products), or bf16 in the interpreter (see kernels.interpreted)
             xd = tl.trans(xt.to(tl.float32))
             acc = tl.dot(wt.to(tl.float32), xd, acc, input_precision="ieee")
         else:
@@ -200,7 +200,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, *, epilogue: str | None = None
     _skinny_gemm_kernel[(triton.cdiv(n_out, block_n), split_k)](
         x, w, out, part, M, N, n_out, K, x.stride(0), out.stride(0), triton.cdiv(K, block_k), split_k,
         SILU_MUL=silu, ONE_SPLIT=one,
-        DOT_F32=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreted()),
+        DOT_F32=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreted()),
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=num_stages)
     if one:
