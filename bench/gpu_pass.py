@@ -1,6 +1,6 @@
 """The GPU pass: everything a lent GPU machine should run, in one command per 10-minute device run.
 
-    python -m fastjanus.bench.gpu_pass --out DIR [--arch ARCH ...] [--part tests,kernels,e2e]
+    python -m fastjanus.bench.gpu_pass --out DIR [--arch ARCH ...] [--part tests,kernels,e2e | quant]
                                        [--budget-s S] [--dry-run]
 
 It records the environment (GPU, driver, CUDA, torch, Triton, transformers, onnxruntime, ...), writes the
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b")
-PARTS = ("tests", "kernels", "e2e")
+PARTS = ("tests", "kernels", "e2e", "quant")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (tests/ is run from here)
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -60,6 +60,9 @@ LOG_KEEP_HEAD = 4 * 2 ** 20  # a log over the file limit keeps its first 4 MiB a
 MIN_S = {
     "checkpoint": {"tiny": 2, "janus-1.3b": 40, "janus-pro-1b": 40, "janus-pro-7b": 150},
     "bench": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 150},
+    # an 8-bit bench: load + quantize at load, t2i-1 and t2i-16, then the quality check (a float model and the
+    # 8-bit one twice more, 32 prompts x 4 steps); an estimate
+    "bench-quant": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 180},
     # load of the cached checkpoint, one eager step each, a capture and a profiled replay (an estimate)
     "step-kernels": {"tiny": 5, "janus-1.3b": 45, "janus-pro-1b": 45, "janus-pro-7b": 90},
     # kernels: about 64 do_bench timings of ~0.25 s plus the compiles (an estimate, not yet measured)
@@ -144,10 +147,10 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
     m = (lambda key, arch=None: DRY_MIN_S) if dry_run else \
         (lambda key, arch=None: MIN_S[key][arch] if arch else MIN_S[key])
     steps: list[Step] = []
-    if "e2e" in parts:
+    if "e2e" in parts or "quant" in parts:
         for a in arches:
-            steps.append(Step(f"checkpoint-{a}", "e2e", [py, "-c", "import sys; from fastjanus.random_init import "
-                                                                 "cached_random_model as c; print(c(sys.argv[1]))", a],
+            make = "import sys; from fastjanus.random_init import cached_random_model as c; print(c(sys.argv[1]))"
+            steps.append(Step(f"checkpoint-{a}", "e2e" if "e2e" in parts else "quant", [py, "-c", make, a],
                               m("checkpoint", a), env=dict(cache_env)))
     if "tests" in parts:
         gpu_tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
@@ -187,6 +190,16 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
             cmd += ["--device", "cpu"] if dry_run else ["--device", "cuda", "--dtype", "bf16"]
             steps.append(Step(f"step-kernels-{a}", "e2e", cmd, m("step-kernels", a), outputs=[what],
                               env=dict(cache_env), needs=f"checkpoint-{a}"))
+    if "quant" in parts:  # 8-bit weights + the FP8 KV cache: 1 and 16 images, peak memory, and the quality check
+        for a in arches:
+            for w in ("int8", "fp8"):
+                what = f"{prefix}-{a}-{w}-kvfp8.json"
+                cmd = [py, "-m", "fastjanus.cli", "bench", "--arch", a, "--quantize", w, "--kv-cache", "fp8",
+                       "--quality", "--baselines", "none", "--quiet", "--json", str(out / what),
+                       "--scenario", "t2i-1", "--scenario", "t2i-16"]
+                cmd += ["--device", "cpu", "--repeats", "1", "--warmup", "0"] if dry_run else ["--dtype", "bf16"]
+                steps.append(Step(f"bench-{a}-{w}", "quant", cmd, m("bench-quant", a), outputs=[what],
+                                  env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
     if "tests" in parts:
         cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu
@@ -411,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="folder for the result files (on a device run: $OUT)")
     ap.add_argument("--arch", action="append", choices=ARCHES,
                     help="model(s) for the e2e part, repeatable (default: janus-pro-1b)")
-    ap.add_argument("--part", default="tests,kernels,e2e", help="comma-separated: tests, kernels, e2e")
+    ap.add_argument("--part", default="tests,kernels,e2e",
+                    help="comma-separated: tests, kernels, e2e, quant (8-bit benches; a run of its own per --arch)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds this pass may take in all; steps that would not fit are skipped and listed")
     ap.add_argument("--work", default=None, help="scratch folder for checkpoints and JUnit files "
@@ -454,7 +468,8 @@ def main(argv: list[str] | None = None, echo=print) -> int:
         work = Path(tempfile.mkdtemp(prefix="fastjanus-gpu-pass-"))
     env = environment(args.dry_run)
     prefix = f"{device_slug(env)}-{datetime.date.today().isoformat()}"
-    tag = "-".join(p for p in PARTS if p in parts) + ("-" + "-".join(arches) if "e2e" in parts else "")
+    tag = "-".join(p for p in PARTS if p in parts) + ("-" + "-".join(arches) if {"e2e", "quant"} & set(parts)
+                                                       else "")
     steps = plan_steps(out, work, prefix, tag, parts, arches, args.dry_run)
     n = count_files(steps)
     if n > MAX_FILES:

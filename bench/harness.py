@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, arg
+from ..quant import KV_CACHE, check_scheme
 from ..random_init import cached_random_model
 from . import roofline as rl
 from .roofline import sync as _sync
@@ -61,6 +62,11 @@ class BenchConfig:
     time_limit: float | None = None  # seconds: no new run starts after it (what is left out is reported)
     max_rows: int | None = None  # memory plan overrides, passed to fastjanus.load
     max_len: int | None = None
+    quantize: str | None = None  # "int8" | "fp8": 8-bit weights, quantized at load (fastjanus/quant.py)
+    quantize_heads: bool = False
+    kv_cache: str | None = None  # "fp8": an e4m3 KV cache
+    quality: bool = False  # also measure the 8-bit model's error against the unquantized one (bench/quant_quality)
+    quality_prompts: int = 32
 
     def __post_init__(self):
         if (self.arch is None) == (self.model is None):
@@ -78,6 +84,14 @@ class BenchConfig:
                                  "(or none)")
         if not self.scenarios:
             raise InputError("no scenario selected")
+        if self.quantize is not None:
+            check_scheme(self.quantize)
+        if self.kv_cache not in (None, *KV_CACHE):
+            raise InputError(f"{arg('kv_cache')} must be one of {', '.join(KV_CACHE)} (or left out), got "
+                             f"{self.kv_cache!r}")
+        if self.quality and self.quantize is None and self.kv_cache is None:
+            raise InputError(f"{arg('quality')} compares an 8-bit model with the unquantized one: add "
+                             f"{arg('quantize')} (and/or {arg('kv_cache')})")
         for name, lo in (("repeats", 1), ("warmup", 0), ("text_tokens", 2), ("prompt_words", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -308,11 +322,12 @@ def largest_batch(pipe, cfg: BenchConfig, prompt_len: int) -> tuple[int, str]:
     torch.cuda.empty_cache()  # the blocks freed by earlier scenarios count as free
     free, _ = torch.cuda.mem_get_info(pipe.device)
     elem = torch.empty(0, dtype=pipe.dtype).element_size()
+    kv_elem = pipe.model.kv_dtype.itemsize  # 1 with an FP8 KV cache
     c = pipe.cfg
     best = 1
     n = 1
     while n <= 256:
-        need = (mem.kv_cache_bytes(c.language, elem, 2 * n, prompt_len + c.num_image_tokens)
+        need = (mem.kv_cache_bytes(c.language, kv_elem, 2 * n, prompt_len + c.num_image_tokens)
                 + mem.decode_workspace_bytes(c, 2 * n) + mem.prefill_workspace_bytes(c, 2 * n, prompt_len, elem)
                 + mem.vq_decode_bytes(c, min(n, 8), elem))
         if need > 0.9 * free:
@@ -349,7 +364,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
     path = Path(cfg.model) if cfg.model else cached_random_model(cfg.arch, progress=cfg.progress)
     # warmup=True: every bucket's graph is captured (or its kernels compiled) here, not in a timed run
     pipe = load(path, device=device, dtype=dtype, progress=cfg.progress, backend=cfg.backend,
-                cuda_graphs=cfg.cuda_graphs, max_rows=cfg.max_rows, max_len=cfg.max_len, warmup=True)
+                cuda_graphs=cfg.cuda_graphs, max_rows=cfg.max_rows, max_len=cfg.max_len, warmup=True,
+                quantize=cfg.quantize, quantize_heads=cfg.quantize_heads, kv_cache=cfg.kv_cache)
     log(f"loaded {path} on {device} ({str(dtype).replace('torch.', '')}, {pipe.backend} backend, "
         f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) in {pipe.load_timings['load_s']:.1f} s, "
         f"warm-up (capture) {pipe.load_timings['warmup_s']:.1f} s")
@@ -358,6 +374,12 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
     model, plan = pipe.model, pipe.memory_plan
     load_timings = dict(pipe.load_timings)
     elem = torch.empty(0, dtype=dtype).element_size()
+    quant, kv_elem = pipe.quantization, model.kv_dtype.itemsize  # what a step really reads
+    quantization = None if quant is None and cfg.kv_cache is None else {
+        "weights": None if quant is None else quant.to_dict(), "kv_cache": cfg.kv_cache,
+        "weight_bytes_loaded": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        "at_load": cfg.quantize is not None}
+    quality: dict | str | None = None
     info = device_info(device)
     if info["platform"] == "cpu":
         log("NOTE: CPU run. These numbers check the harness; they are not GPU figures.")
@@ -391,7 +413,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             "load_s": load_timings["load_s"], "warmup_s": load_timings["warmup_s"],
             "versions": versions,
             "step_kernels": kernels,
-            "quantization": None,
+            "quantization": quantization,
+            "quality": quality,
             "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                        "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
                        "image_tokens": jc.num_image_tokens, "codebook": jc.vq.codebook_size,
@@ -436,7 +459,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
                        breakdown={k: _median(rows, k) for k in ("prefill_s", "decode_s", "vq_decode_s")},
                        prompt_len=statistics.mean(r["prompt_len"] for r in rows), peak_mem_bytes=_peak(device))
         steps = rows[0]["steps"] - 1  # decode forwards; the first code comes from the prefill's hidden state
-        decode_roof(sc, sc["breakdown"]["decode_s"] / steps, rl.mean_image_step_bytes(jc, elem, n, sc["prompt_len"]))
+        decode_roof(sc, sc["breakdown"]["decode_s"] / steps,
+                    rl.mean_image_step_bytes(jc, elem, n, sc["prompt_len"], quant, kv_elem))
         if throughput:
             sc["images_per_s"] = n / sc["median_s"]
             sc["batch_rule"] = why
@@ -489,7 +513,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             dec = _scenario("understand-decode", 1, [r["decode_s"] for r in rows], peak_mem_bytes=peak,
                             prompt_len=plen, new_tokens=n)
             dec["tokens_per_s"] = (n - 1) / dec["median_s"]
-            decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1))
+            decode_roof(dec, dec["median_s"] / (n - 1), rl.mean_text_step_bytes(jc, elem, plen, n - 1, quant, kv_elem))
             scenarios.extend([ttft, dec])
             pending.append(((ttft, dec), "understand"))
 
@@ -512,10 +536,14 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         for b in want:
             skipped[b] = "no scenario here has this baseline (t2i-1, t2i-16, throughput and understand do)"
         want = []
+    if "transformers" in want and (quant is not None or cfg.kv_cache is not None):
+        skipped["transformers"] = ("8-bit weights or an FP8 KV cache: the transformers port would run other "
+                                   "arithmetic; compare with a bench run of the unquantized model instead")
+        want.remove("transformers")
     if "torch-eager" in want and pipe.backend == "torch":
         skipped["torch-eager"] = "the measured configuration already is fastjanus's plain-torch eager path"
         want.remove("torch-eager")
-    hf = None
+    hf = base = None
     log(f"fastjanus scenarios done in {time.perf_counter() - t_start:.0f} s")
     if "transformers" in want:
         try:
@@ -579,6 +607,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    if cfg.quality:
+        if runner.out_of_time():
+            out_of_time.append("quality")
+        else:
+            from .quant_quality import measure
+            log("measuring the quality of the 8-bit model against the unquantized one ...")
+            model = base = None  # noqa: F841  the float reference model needs the memory
+            quality = measure(path, cfg.quantize, cfg.quantize_heads, n_prompts=cfg.quality_prompts,
+                              kv_cache=cfg.kv_cache is not None, device=device, dtype=dtype, backend=cfg.backend,
+                              seed=cfg.seed, log=log)
     return report(partial=False)
 
 
@@ -595,6 +633,12 @@ def format_table(rep: dict) -> str:
             f"copy bandwidth {rep['copy_bandwidth_gbs']:.0f} GB/s, matmul {rep['matmul_tflops']:.1f} TFLOP/s "
             f"(measured in this run); median of {rep['method']['repeats']} after {rep['method']['warmup']} warm-up "
             f"(baselines: median of {rep['method']['baseline_repeats']})"]
+    q = rep.get("quantization")
+    if q:
+        w = q["weights"]
+        what = "float weights" if w is None else w["weights"] + " weights" + (" + heads" if w["heads"] else "")
+        head.append(f"quantized: {what}{' (at load)' if q['at_load'] else ''}, KV cache "
+                    f"{q['kv_cache'] or rep['dtype']}, {q['weight_bytes_loaded'] / 2 ** 30:.2f} GiB of tensors loaded")
     if rep["platform"] == "cpu":
         head.insert(0, "*** CPU RUN: these numbers check the harness; they are NOT GPU figures ***")
     names = sorted({b for s in rep["scenarios"] for b in s["baselines"]})
@@ -644,6 +688,9 @@ def format_table(rep: dict) -> str:
         lines.append(f"not run (--time-limit {tl['limit_s']:g} s): {what}")
     for what in tl.get("cut", []):
         lines.append(f"cut short: {what}")
+    if isinstance(rep.get("quality"), dict):
+        from .quant_quality import format_report
+        lines.append(format_report(rep["quality"]))
     return "\n".join(lines)
 
 
@@ -657,7 +704,9 @@ def main(args) -> int:
                       repeats=args.repeats, warmup=args.warmup, baseline_repeats=args.baseline_repeats,
                       max_batch=args.max_batch, text_tokens=args.text_tokens, seed=args.seed or 0,
                       progress=not args.quiet, time_limit=getattr(args, "time_limit", None),
-                      max_rows=getattr(args, "max_rows", None), max_len=getattr(args, "max_len", None))
+                      max_rows=getattr(args, "max_rows", None), max_len=getattr(args, "max_len", None),
+                      quantize=getattr(args, "quantize", None), quantize_heads=getattr(args, "quantize_heads", False),
+                      kv_cache=getattr(args, "kv_cache", None), quality=getattr(args, "quality", False))
     for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring
         if p:
             if Path(p).is_dir():

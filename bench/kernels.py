@@ -22,6 +22,12 @@ M = 2, 8, 32 rows; `skinny_gemm+silu_mul` times the fused gate/up GEMM + SiLU·m
 `kernels.activation.silu_mul` kernel (what the decode step runs). Their rows add `winner` ("triton" or
 "cublas": the faster of the two), `split_k`, `block_n` and `block_k`: the input of the per-shape table that
 decides where the Triton GEMM replaces cuBLAS (it is the default nowhere until such a table is committed).
+
+`w8_gemm[int8]` / `w8_gemm[fp8]` time the weight-only 8-bit path (`skinny_gemm(..., w_scale=)`: the weight int8 or
+float8_e4m3fn with per-row fp32 scales, activations in --dtype) on the same GEMMs and rows, `w8_gemm[...]+silu_mul`
+the fused gate/up; the baseline (`torch_ms`) is the 16-bit cuBLAS GEMM of the same shape (then the SiLU·mul
+kernel), what the decode step runs now. `bytes` counts the 8-bit weight (1 byte per element) and its scales, so
+`gbs` is the achieved rate of the 8-bit weight read; `weight_gbs` is the weight bytes alone over the time.
 """
 from __future__ import annotations
 
@@ -90,6 +96,12 @@ def skinny_gemm_bytes(rows: int, n: int, k: int, elem: int, n_out: int | None = 
     return (n * k + rows * k + rows * (n if n_out is None else n_out)) * elem
 
 
+def w8_gemm_bytes(rows: int, n: int, k: int, elem: int, n_out: int | None = None) -> int:
+    """The 8-bit weight [n, k] (1 byte per element) and its fp32 scales [n] read once, x [rows, k] read and
+    y [rows, n_out] written in the activation dtype (n_out = n, or n / 2 with the SiLU·mul epilogue)."""
+    return n * k + 4 * n + (rows * k + rows * (n if n_out is None else n_out)) * elem
+
+
 def sample_bytes(rows: int, vocab: int, elem: int) -> int:
     """Minimum traffic of the fused sampler: every logit read once (the outputs are a few bytes per pair)."""
     return rows * vocab * elem
@@ -140,6 +152,7 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
     from ..kernels.reference import decode_attention_ref, rope_table, vq_lookup_ref
     from ..kernels.rmsnorm import add_rmsnorm
     from ..kernels.skinny_gemm import skinny_gemm, skinny_gemm_config
+    from ..quant import quantize_weight
     from ..kernels.vq_lookup import vq_lookup
     from ..models.llama import RMSNorm, apply_rotary, rotary_cos_sin
 
@@ -245,6 +258,56 @@ def run(dtype: torch.dtype, dry_run: bool = False) -> dict:
                                 skinny_gemm_bytes(rows, 2 * inter, D, elem, n_out=inter), bw,
                                 winner="triton" if ms < ref_ms else "cublas", split_k=split, block_n=bn, block_k=bk))
 
+        # weight-only 8-bit: the same GEMMs with the weight quantized per row, against 16-bit cuBLAS
+        for wname, wdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            for gemm, N, K in gemms:
+                w = r(N, K) / K ** 0.5
+                q, scale = quantize_weight(w, wname)
+                for rows in sh.rows:
+                    x = r(rows, K)
+                    out = torch.empty(rows, N, dtype=dtype, device=dev)
+                    bn, bk, split, _ = skinny_gemm_config(rows, N, K, dtype, x.device, w_dtype=wdtype)
+                    ms = timer(lambda: skinny_gemm(x, q, w_scale=scale, out=out))
+                    ref_ms = timer(lambda: F.linear(x, w))
+                    results.append(_row(f"w8_gemm[{wname}]", {"arch": arch, "gemm": gemm, "rows": rows, "n": N,
+                                                              "k": K}, ms, ref_ms, w8_gemm_bytes(rows, N, K, elem),
+                                        bw, weight_gbs=N * K / (ms * 1e-3) / 1e9,
+                                        winner="triton" if ms < ref_ms else "cublas", split_k=split, block_n=bn,
+                                        block_k=bk))
+            w = r(2 * inter, D) / D ** 0.5  # [gate; up]
+            q, scale = quantize_weight(w, wname)
+            for rows in sh.rows:
+                x = r(rows, D)
+                out, out_ref = (torch.empty(rows, inter, dtype=dtype, device=dev) for _ in range(2))
+                bn, bk, split, _ = skinny_gemm_config(rows, inter, D, dtype, x.device, w_dtype=wdtype)
+                ms = timer(lambda: skinny_gemm(x, q, w_scale=scale, epilogue="silu_mul", out=out))
+                ref_ms = timer(lambda: silu_mul(F.linear(x, w), out=out_ref))
+                results.append(_row(f"w8_gemm[{wname}]+silu_mul", {"arch": arch, "gemm": "gate_up", "rows": rows,
+                                                                   "n": 2 * inter, "k": D, "intermediate": inter},
+                                    ms, ref_ms, w8_gemm_bytes(rows, 2 * inter, D, elem, n_out=inter), bw,
+                                    weight_gbs=2 * inter * D / (ms * 1e-3) / 1e9,
+                                    winner="triton" if ms < ref_ms else "cublas", split_k=split, block_n=bn,
+                                    block_k=bk))
+
+        # W8A8 (fp8 weights and per-row dynamic fp8 activations, torch._scaled_mm) against the W8A16 kernel: the
+        # measurement that decides fastjanus.quant.W8A8_ROWS (winner "scaled_mm")
+        from ..quant import w8a8_linear
+        for gemm, N, K in gemms:
+            q, scale = quantize_weight(r(N, K) / K ** 0.5, "fp8")
+            for rows in sh.rows:
+                x = r(rows, K)
+                try:
+                    ms = timer(lambda: w8a8_linear(x, q, scale))
+                except RuntimeError as e:  # a device or shape _scaled_mm does not take: recorded, not fatal
+                    results.append({"kernel": "w8a8_scaled_mm[fp8]", "shape": {"arch": arch, "gemm": gemm,
+                                    "rows": rows, "n": N, "k": K}, "error": " ".join(str(e).split())[:200]})
+                    continue
+                ref_ms = timer(lambda: skinny_gemm(x, q, w_scale=scale))
+                results.append(_row("w8a8_scaled_mm[fp8]", {"arch": arch, "gemm": gemm, "rows": rows, "n": N,
+                                                             "k": K}, ms, ref_ms, w8_gemm_bytes(rows, N, K, elem), bw,
+                                    baseline="the W8A16 skinny GEMM (torch_ms)",
+                                    winner="scaled_mm" if ms < ref_ms else "w8a16"))
+
     for rows in sh.rows:
         logits = r(rows, sh.codebook)
         w, t, seed, step = (torch.tensor([5.0], device=dev), torch.tensor([1.0], device=dev),
@@ -286,9 +349,13 @@ def format_table(report: dict) -> str:
              f"copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s",
              f"{'kernel':28s} {'shape':{w}s} {'ms':>8s} {'torch ms':>9s} {'x':>6s} {'GB/s':>7s} {'roof':>5s}"]
     for r, shape in zip(report["results"], shapes):
+        if "error" in r:  # a configuration the device refused (e.g. _scaled_mm below sm_89)
+            lines.append(f"{r['kernel']:28s} {shape:{w}s} failed: {r['error']}")
+            continue
         lines.append(f"{r['kernel']:28s} {shape:{w}s} {r['ms']:8.4f} {r['torch_ms']:9.4f} {r['speedup']:6.1f} "
                      f"{r['gbs']:7.0f} {r['roofline_fraction']:5.0%}"
-                     + (f"  {r['winner']} (split_k {r['split_k']})" if "winner" in r else ""))
+                     + (f"  {r['winner']}" if "winner" in r else "")
+                     + (f" (split_k {r['split_k']})" if "split_k" in r else ""))
     return "\n".join(lines)
 
 

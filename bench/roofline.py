@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..config import JanusConfig, LlamaConfig
-from ..engine.memory import kv_bytes_per_token
+from ..engine.memory import kv_bytes_per_token, weight_bytes
 
 # Checkpoint tensors read on every image-generation step: the decoder, its final norm and the generation head
 # (an MLP to the 16384 codes). The code embedding (`gen_embed` → `gen_aligner`) is precomputed at load as a
@@ -24,50 +24,46 @@ IMAGE_STEP_PREFIXES = ("language_model.model.layers.", "language_model.model.nor
 TEXT_STEP_PREFIXES = ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head.")
 
 
-def _param_count(cfg: JanusConfig, prefixes: tuple[str, ...]) -> int:
-    from ..random_init import official_tensor_shapes
-    n = 0
-    for name, shape in official_tensor_shapes(cfg).items():
-        if name.startswith(prefixes):
-            c = 1
-            for s in shape:
-                c *= s
-            n += c
-    return n
+def image_step_weight_bytes(cfg: JanusConfig, elem: int, quant=None) -> int:
+    """Weights one image step reads: elem bytes per element, or 8-bit + fp32 row scales where quantized."""
+    return weight_bytes(cfg, elem, quant, IMAGE_STEP_PREFIXES)
 
 
-def image_step_weight_bytes(cfg: JanusConfig, elem: int) -> int:
-    return _param_count(cfg, IMAGE_STEP_PREFIXES) * elem
-
-
-def text_step_weight_bytes(cfg: JanusConfig, elem: int) -> int:
-    return _param_count(cfg, TEXT_STEP_PREFIXES) * elem
+def text_step_weight_bytes(cfg: JanusConfig, elem: int, quant=None) -> int:
+    return weight_bytes(cfg, elem, quant, TEXT_STEP_PREFIXES)
 
 
 def kv_step_bytes(cfg: LlamaConfig, elem: int, rows: int, kv_len: float) -> float:
-    """K/V traffic of one step: `kv_len` cached slots read and one slot written, per row, all layers."""
+    """K/V traffic of one step: `kv_len` cached slots read and one slot written, per row, all layers (elem: the
+    cache's bytes per element, 1 for e4m3; its per-head scales are a few KiB, left out)."""
     return rows * kv_bytes_per_token(cfg, elem) * (kv_len + 1)
 
 
-def image_step_bytes(cfg: JanusConfig, elem: int, rows: int, kv_len: float) -> int:
-    return int(image_step_weight_bytes(cfg, elem) + kv_step_bytes(cfg.language, elem, rows, kv_len))
+def image_step_bytes(cfg: JanusConfig, elem: int, rows: int, kv_len: float, quant=None,
+                     kv_elem: int | None = None) -> int:
+    return int(image_step_weight_bytes(cfg, elem, quant)
+               + kv_step_bytes(cfg.language, kv_elem or elem, rows, kv_len))
 
 
-def text_step_bytes(cfg: JanusConfig, elem: int, rows: int, kv_len: float) -> int:
-    return int(text_step_weight_bytes(cfg, elem) + kv_step_bytes(cfg.language, elem, rows, kv_len))
+def text_step_bytes(cfg: JanusConfig, elem: int, rows: int, kv_len: float, quant=None,
+                    kv_elem: int | None = None) -> int:
+    return int(text_step_weight_bytes(cfg, elem, quant)
+               + kv_step_bytes(cfg.language, kv_elem or elem, rows, kv_len))
 
 
-def mean_image_step_bytes(cfg: JanusConfig, elem: int, num_images: int, prompt_len: float) -> int:
+def mean_image_step_bytes(cfg: JanusConfig, elem: int, num_images: int, prompt_len: float, quant=None,
+                          kv_elem: int | None = None) -> int:
     """Bytes per decode step averaged over one generation: the first code comes from the prefill, then decode
     step i = 0 .. n−2 reads prompt_len + i cached slots, so the mean is prompt_len + (n − 2) / 2. Two rows
     (conditional + unconditional) per image. The step's time also covers the head and the sampler."""
     n = cfg.num_image_tokens
-    return image_step_bytes(cfg, elem, 2 * num_images, prompt_len + (n - 2) / 2)
+    return image_step_bytes(cfg, elem, 2 * num_images, prompt_len + (n - 2) / 2, quant, kv_elem)
 
 
-def mean_text_step_bytes(cfg: JanusConfig, elem: int, prompt_len: float, steps: int) -> int:
+def mean_text_step_bytes(cfg: JanusConfig, elem: int, prompt_len: float, steps: int, quant=None,
+                         kv_elem: int | None = None) -> int:
     """Text decoding, one row: decode step i = 0 .. steps−1 reads prompt_len + i cached slots."""
-    return text_step_bytes(cfg, elem, 1, prompt_len + (steps - 1) / 2)
+    return text_step_bytes(cfg, elem, 1, prompt_len + (steps - 1) / 2, quant, kv_elem)
 
 
 # ------------------------------------------------------------------------------------------- FLOPs

@@ -170,29 +170,65 @@ def check_keys(found: dict[str, tuple], expected: dict[str, tuple[int, ...]],
                           ". Check that config.json belongs to these weights (official Janus layout).")
 
 
-def iter_tensors(files: WeightFiles, keys: set[str], device, dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor on device in dtype) for the wanted keys, one file and one tensor at a time."""
+def iter_tensors(files: WeightFiles, keys: set[str], device, dtype,
+                 keep: Callable[[str], bool] = lambda k: False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor on device in dtype) for the wanted keys, one file and one tensor at a time; keys for
+    which keep(name) holds stay in their stored dtype (8-bit weights, fp32 scales, weights to quantize)."""
     for f in files.files:
         r = _Reader(f)
         for k in r.shapes():
             if k in keys:
-                yield k, r.get(k, device).to(device=device, dtype=dtype)
+                t = r.get(k, device)
+                yield k, t.to(device=device) if keep(k) else t.to(device=device, dtype=dtype)
         del r
 
 
+def check_quantized_dtypes(found: dict[str, tuple], weights: set[str], scheme: str, where: str) -> None:
+    """A quantized folder: each 8-bit weight in the scheme's dtype, each scale fp32."""
+    from .quant import SCALE_SUFFIX, storage_dtype
+    want = str(storage_dtype(scheme)).removeprefix("torch.")
+    bad = [f"{k} is {found[k][1]} (expected {want})" for k in sorted(weights) if found[k][1] != want]
+    bad += [f"{k} is {found[k][1]} (expected float32)" for k in sorted(weights)
+            if found[k.removesuffix("weight") + SCALE_SUFFIX][1] != "float32"]
+    if bad:
+        raise CheckpointError(f"{where}: the {scheme} checkpoint's tensors have the wrong dtype: "
+                              + "; ".join(bad[:4]) + (f"; ... ({len(bad)} in all)" if len(bad) > 4 else "")
+                              + ". The folder is damaged or was not written by `fastjanus quantize`: quantize the "
+                              "original checkpoint again")
+
+
 def load_state_into(model: torch.nn.Module, model_dir: str | Path, device, dtype,
-                    ignorable: Callable[[str], bool], progress: bool = False) -> WeightFiles:
-    """Fill a model built on the meta device with the checkpoint's tensors (assigned, not copied)."""
+                    ignorable: Callable[[str], bool], progress: bool = False, quant=None,
+                    quantize=None) -> WeightFiles:
+    """Fill a model built on the meta device with the checkpoint's tensors (assigned, not copied).
+
+    quant (a QuantConfig): the folder holds 8-bit weights and their scales (the model was `quant.convert`ed);
+    their dtypes are checked and kept. quantize (a QuantConfig): the folder holds float weights, and the target
+    Linears' are quantized as they arrive, on the device, one tensor at a time."""
+    from .quant import SCALE_SUFFIX, quantize_weight, target_modules
     files = find_weights(model_dir)
+    qc = quant or quantize
+    qweights = {m + ".weight" for m in target_modules(model.cfg, qc.heads)} if qc is not None else set()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(read_shapes(files), expected, ignorable, str(Path(model_dir)))
-    it = iter_tensors(files, set(expected), device, dtype)
+    if quantize is not None:  # the scales are made here, not read
+        expected = {k: v for k, v in expected.items() if not k.endswith("." + SCALE_SUFFIX)}
+    found = read_shapes(files)
+    check_keys(found, expected, ignorable, str(Path(model_dir)))
+    if quant is not None:
+        check_quantized_dtypes(found, qweights, quant.weights, str(Path(model_dir)))
+    it = iter_tensors(files, set(expected), device, dtype,
+                      keep=lambda k: k in qweights or k.endswith("." + SCALE_SUFFIX))
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, total=len(expected), desc="loading weights", unit="tensor", leave=False)
+        it = tqdm(it, total=len(expected), desc="quantizing weights" if quantize else "loading weights",
+                  unit="tensor", leave=False)
     for name, t in it:
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(t, requires_grad=False))
+        mod = model.get_submodule(owner)
+        if quantize is not None and name in qweights:
+            t, scale = quantize_weight(t, quantize.weights)
+            setattr(mod, SCALE_SUFFIX, torch.nn.Parameter(scale, requires_grad=False))
+        setattr(mod, attr, torch.nn.Parameter(t, requires_grad=False))
     still_meta = [n for n, p in model.state_dict().items() if p.is_meta]
     if still_meta:  # cannot happen after check_keys; kept as a guard against silent garbage
         raise CheckpointError(f"{model_dir}: tensors not loaded: {still_meta[:5]}")

@@ -1,4 +1,4 @@
-"""`fastjanus` command line: generate, understand, info, init-random, bench.
+"""`fastjanus` command line: generate, understand, info, quantize, init-random, bench.
 
 Every flag is checked before a model is loaded, and `--out` before anything is generated, so a typo costs
 a second, not a model load. Errors print one line, `fastjanus: error: ...`, in terms of flags, and exit 2.
@@ -64,9 +64,13 @@ def _load(args, path: Path):
     from .engine.pipeline import load
     t0 = time.perf_counter()
     pipe = load(path, device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
-                cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len)
+                cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len,
+                quantize=args.quantize, quantize_heads=args.quantize_heads, kv_cache=args.kv_cache)
+    q = pipe.quantization
     print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
-          f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) "
+          f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}"
+          + (f", {q.weights} weights{' + heads' if q.heads else ''}" if q else "")
+          + (f", {pipe.kv_cache} KV cache" if pipe.kv_cache else "") + ") "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
@@ -177,6 +181,7 @@ def model_info(model_dir) -> dict:
 
     from .checkpoint import find_weights, read_shapes
     from .config import JanusConfig
+    from .engine.memory import weight_bytes
     from .engine.pipeline import check_model_dir
     from .errors import CheckpointNotFoundError
     from .models.janus import JanusModel
@@ -214,9 +219,31 @@ def model_info(model_dir) -> dict:
         dtypes: dict[str, int] = {}
         for shape, dt, _ in read_shapes(files).values():
             dtypes[dt] = dtypes.get(dt, 0) + 1
+        by_dtype: dict[str, int] = {}
+        for shape, dt, _ in read_shapes(files).values():
+            n = 1
+            for x in shape:
+                n *= x
+            by_dtype[dt] = by_dtype.get(dt, 0) + n * _DTYPE_BYTES.get(dt, 0)
         info["weights"] = {"format": files.format, "files": [f.name for f in files.files],
-                           "bytes": files.total_bytes, "dtypes": dtypes}
+                           "bytes": files.total_bytes, "dtypes": dtypes, "tensor_bytes_by_dtype": by_dtype}
+    from .bench import roofline as rl
+    from .quant import QuantConfig
+    qc = QuantConfig.of(cfg, str(d / "config.json"))
+    info["quantization"] = None if qc is None else qc.to_dict()
+    # what load() places and what one decode step reads, in the model dtype (bf16 on a GPU) and for this scheme
+    info["loaded_bytes_bf16"] = weight_bytes(cfg, 2, qc)
+    info["image_step_weight_bytes_bf16"] = rl.image_step_weight_bytes(cfg, 2, qc)
+    info["text_step_weight_bytes_bf16"] = rl.text_step_weight_bytes(cfg, 2, qc)
     return info
+
+
+def _size(b: float) -> str:
+    return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+                "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def cmd_info(args) -> int:
@@ -243,6 +270,41 @@ def cmd_info(args) -> int:
     else:
         print(f"weights     {w['format']}, {len(w['files'])} file(s), {w['bytes'] / 2 ** 30:.2f} GiB, "
               f"dtypes {w['dtypes']}")
+        print("            tensor bytes by dtype: " + ", ".join(f"{k} {_size(v)}"
+                                                          for k, v in w["tensor_bytes_by_dtype"].items()))
+    q = info["quantization"]
+    print("quantized   " + ("no" if q is None else
+                            f"{q['weights']} ({q['weight_dtype']}), {q['granularity']} {q['scale_dtype']} scales, "
+                            f"weight-only; LLM linears{' + heads' if q['heads'] else ''}"))
+    print(f"in memory   {_size(info['loaded_bytes_bf16'])} of tensors loaded (bf16); a decode step "
+          f"reads {info['image_step_weight_bytes_bf16'] / 1e9:.2f} GB of weights (image), "
+          f"{info['text_step_weight_bytes_bf16'] / 1e9:.2f} GB (text)")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quant import check_scheme
+    from .quantize import check_out_dir, check_source, quantize_checkpoint
+    check_scheme(args.weights, "weights")
+    src, _ = check_source(args.model)
+    check_out_dir(args.out)
+    if args.quality:
+        _check_runtime_flags(args)
+        from .engine.pipeline import check_count
+        check_count("quality_prompts", args.quality_prompts)
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(src, args.out, args.weights, heads=args.heads, progress=True)
+    info = model_info(out)
+    print(out)
+    print(f"wrote {args.weights} weights{' + heads' if args.heads else ''} in {time.perf_counter() - t0:.1f} s: "
+          f"{_size(info['weights']['bytes'])} on disk, {_size(info['loaded_bytes_bf16'])} loaded in bf16 (was "
+          f"{_size(model_info(src)['loaded_bytes_bf16'])})", file=sys.stderr)
+    if args.quality:
+        from .bench.quant_quality import format_report, measure
+        rep = measure(src, args.weights, args.heads, quantized_dir=out, n_prompts=args.quality_prompts,
+                      device=args.device, dtype=args.dtype, backend=args.backend,
+                      log=lambda s: print(s, file=sys.stderr))
+        print(format_report(rep))
     return 0
 
 
@@ -310,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
         sp.add_argument("--max-len", type=int, default=None,
                         help="memory plan: KV slots per row (default: 576 image tokens + 512 for the prompt)")
+        quant_flags(sp)
+
+    def quant_flags(sp):
+        sp.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                        help="8-bit weights for the LLM's linear layers, quantized at load (a folder written by "
+                             "`fastjanus quantize` needs no flag)")
+        sp.add_argument("--quantize-heads", action="store_true", help="with --quantize: gen_head and lm_head too")
+        sp.add_argument("--kv-cache", choices=["fp8"], default=None,
+                        help="an e4m3 KV cache (half the bytes; default: the model dtype)")
 
     g = sub.add_parser("generate", help="text → images (PNG files)", formatter_class=_Help,
                        description="Generate images from a prompt and write them as PNG files.")
@@ -341,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=cmd_info)
 
+    q = sub.add_parser("quantize", help="write an 8-bit copy of a checkpoint (int8 or FP8 weights)",
+                       formatter_class=_Help,
+                       description="Quantize a checkpoint's LLM linear layers to 8 bits (symmetric, per output "
+                                   "channel, weight-only) and write a complete folder that fastjanus loads as it is.")
+    q.add_argument("--model", required=True, metavar="DIR", help="the float checkpoint folder (official layout)")
+    q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the 8-bit checkpoint")
+    q.add_argument("--weights", required=True, choices=["int8", "fp8"], help="8-bit format")
+    q.add_argument("--heads", action="store_true", help="quantize gen_head and lm_head too")
+    q.add_argument("--quality", action="store_true",
+                   help="then measure its guided-logit error and top-1 agreement against the float model")
+    q.add_argument("--quality-prompts", type=int, default=32, help="random prompts for --quality")
+    q.add_argument("--device", default=None, help="for --quality: cuda or cpu (default: cuda when available)")
+    q.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="for --quality")
+    q.add_argument("--backend", choices=["triton", "torch"], default=None, help="for --quality")
+    q.set_defaults(fn=cmd_quantize, cuda_graphs="off", max_rows=None, max_len=None)
+
     b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines",
                        formatter_class=_Help)
     src = b.add_mutually_exclusive_group()
@@ -358,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
     b.add_argument("--max-len", type=int, default=None,
                    help="memory plan: KV slots per row (default: 576 image tokens + 512 for the prompt)")
+    quant_flags(b)
+    b.add_argument("--quality", action="store_true",
+                   help="with --quantize/--kv-cache: also measure the error against the unquantized model")
     b.add_argument("--scenario", action="append",
                    choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
                    help="repeat to pick several (default: all)")

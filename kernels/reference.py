@@ -33,22 +33,42 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> t
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (scale broadcastable to x) in fp32, saturated to ±448 and rounded to nearest even into
+    float8_e4m3fn: finite inputs never become NaN. The value stored stands for stored.float() · scale."""
+    return (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
 def decode_attention_ref(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
-                         sm_scale: float | None = None, bound: int | None = None) -> torch.Tensor:
+                         sm_scale: float | None = None, bound: int | None = None, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `decode_attention`: rotate q and k_new at position lengths[b] (with a rope table),
     append at slot lengths[b], attend over slots 0..lengths[b].
 
     bound: an upper limit on lengths + 1 known on the host (the eager loop knows it without a sync); the
     keys beyond it are not read. None reads the whole cache.
+
+    k_scale, v_scale [Hkv] fp32 (float8_e4m3fn caches): the new key/value are appended as
+    fp8_quantize(·, scale per kv head), and the attention runs in fp32 over the dequantized cache
+    (cache.float() · scale), rounded to q's dtype at the end. The rotated key is rounded to k_new's dtype
+    (rope_ref) before it is quantized: give fp32 inputs for the kernel's single rounding.
     """
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if rope is not None:
         q, k_new = rope_ref(q, lengths, rope), rope_ref(k_new, lengths, rope)
-    append_kv(k_new, v_new, k_cache, v_cache, lengths)
     end = S if bound is None else min(bound, S)
     mask = torch.arange(end, device=q.device)[None, :] <= lengths[:, None].long()  # [B, end]
+    if k_scale is not None or v_scale is not None:
+        ks, vs = k_scale.float()[:, None], v_scale.float()[:, None]  # [Hkv, 1]: per kv head
+        append_kv(fp8_quantize(k_new, ks), fp8_quantize(v_new, vs), k_cache, v_cache, lengths)
+        k = k_cache[:, :, :end].float() * ks[:, :, None]
+        v = v_cache[:, :, :end].float() * vs[:, :, None]
+        o = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask[:, None, None],
+                                           scale=sm_scale, enable_gqa=Hkv != H)
+        return o[:, :, 0].to(q.dtype)
+    append_kv(k_new, v_new, k_cache, v_cache, lengths)
     o = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :end], v_cache[:, :, :end],
                                        attn_mask=mask[:, None, None], scale=sm_scale,
                                        enable_gqa=Hkv != H)  # [B, H, 1, D]
@@ -84,12 +104,14 @@ def silu_mul_ref(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> t
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor, *, epilogue: str | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `skinny_gemm`: x [M, K] @ w [N, K].T computed in fp32 and rounded once to the dtype; with
     epilogue "silu_mul" (w the fused [gate; up] weight [2I, K]) silu(y[:, :I]) · y[:, I:] of the fp32 y, rounded
-    once."""
+    once. With w_scale (fp32 [N]; w int8 or float8_e4m3fn, per-row symmetric): dequantize, then the same, in
+    fp32: x @ (w.float() · w_scale[:, None]).T."""
     assert epilogue in (None, "silu_mul"), f"epilogue must be None or 'silu_mul', got {epilogue!r}"
-    y = F.linear(x.float(), w.float())
+    wf = w.float() if w_scale is None else w.float() * w_scale.float()[:, None]
+    y = F.linear(x.float(), wf)
     if epilogue == "silu_mul":
         y = silu_mul_ref(y)  # fp32 in, fp32 out: no rounding yet
     y = y.to(x.dtype)

@@ -53,12 +53,16 @@ _run = JITFunction.run
 
 
 SHARED: dict[str, int] = {}  # the most shared memory each kernel asked for, bytes
+CASE: str | None = None  # set around a launch: its kernels' shared memory is also recorded under this label
+SHARED_CASES: dict[str, int] = {}
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     k = _run(self, *args, grid=grid, warmup=True, **kwargs)
     PTX.setdefault(self.fn.__name__, []).append(k.asm["ptx"])
     SHARED[self.fn.__name__] = max(SHARED.get(self.fn.__name__, 0), int(k.metadata.shared))
+    if CASE is not None:
+        SHARED_CASES[f"{CASE} {self.fn.__name__}"] = int(k.metadata.shared)
     return k
 
 
@@ -99,6 +103,23 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for I in (5632, 11008):  # their MLP intermediate sizes
             silu_mul(torch.randn(M, 2 * I).to(dtype))
 
+# The FP8 (e4m3) KV cache with per-kv-head fp32 scales (sm_89+): bf16 and fp16 q (their e4m3 widening differs),
+# the decode step's call (fused-QKV views, the rotary from the table), one split and eleven, at Pro-7B's and a GQA
+# shape (the other head counts compile to the same specialisations)
+for dtype in (torch.bfloat16, torch.float16):
+    for B, H, Hkv, D in [(32, 32, 32, 128), (3, 12, 4, 64)]:
+        S = 701
+        r = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+        f8 = lambda *s: torch.randn(*s).to(torch.float8_e4m3fn)  # noqa: E731
+        ks, vs = torch.rand(Hkv) + 0.01, torch.rand(Hkv) + 0.01
+        for splits in (1, 11):
+            q, kn, vn = r(B, (H + 2 * Hkv) * D).split((H * D, Hkv * D, Hkv * D), dim=1)
+            CASE = f"kv-fp8 {str(dtype)[6:]} D={D} splits={splits}"
+            decode_attention(q.unflatten(1, (H, D)), kn.unflatten(1, (Hkv, D)), vn.unflatten(1, (Hkv, D)),
+                             f8(B, Hkv, S, D), f8(B, Hkv, S, D), torch.zeros(B, dtype=torch.int32),
+                             rope=rope_table(16384, D, 10000.0), num_splits=splits, k_scale=ks, v_scale=vs)
+CASE = None
+
 # The skinny GEMM (bf16 and fp32: fp16 takes bf16's path), Pro-1B's decode GEMMs (D 2048, I 5632): plain on the
 # QKV and down shapes, silu_mul on gate_up; one split (one launch) and three (partials + reduce); 2 rows, and
 # the most shared memory it can ask for (64 rows, the launcher's limit, with silu_mul's two weight tiles).
@@ -112,5 +133,24 @@ for dtype in (torch.bfloat16, torch.float32):
     skinny_gemm(torch.empty(64, 2048, dtype=dtype), torch.empty(2 * 5632, 2048, dtype=dtype), epilogue="silu_mul",
                 split_k=1)
 
+# The weight-only 8-bit GEMM (w_scale): bf16 activations (fp16 takes the same path) with int8 and e4m3 weights
+# (different widening code), default blocks (block_k 256). Pairwise, not all 8 combinations (a compile takes ~5 s
+# here): each weight dtype with plain and silu_mul, one split and three, each combination of epilogue × split
+# once. Then the most shared memory the 8-bit path can ask for: 64 rows with silu_mul, both weight dtypes, and
+# fp32 activations (block_k 128 there). Each case's shared memory goes into the report's "shared_cases".
+for wdtype, silu, split in ((torch.int8, False, 1), (torch.int8, True, 3), (torch.float8_e4m3fn, False, 3),
+                            (torch.float8_e4m3fn, True, 1)):
+    N, K = (2 * 5632, 2048) if silu else (3 * 2048, 2048)
+    CASE = f"w8[{str(wdtype)[6:]}] bf16 M=2 {'silu_mul' if silu else 'plain'} split={split}"
+    skinny_gemm(torch.empty(2, K, dtype=torch.bfloat16), torch.empty(N, K, dtype=wdtype), w_scale=torch.empty(N),
+                epilogue="silu_mul" if silu else None, split_k=split)
+for wdtype, dtype in ((torch.int8, torch.bfloat16), (torch.float8_e4m3fn, torch.bfloat16),
+                      (torch.int8, torch.float32)):
+    CASE = f"w8[{str(wdtype)[6:]}] {'bf16' if dtype == torch.bfloat16 else 'fp32'} M=64 silu_mul split=1"
+    skinny_gemm(torch.empty(64, 2048, dtype=dtype), torch.empty(2 * 5632, 2048, dtype=wdtype),
+                w_scale=torch.empty(2 * 5632), epilogue="silu_mul", split_k=1)
+CASE = None
+
 json.dump({"triton": triton.__version__, "compiled": {k: len(v) for k, v in PTX.items()}, "shared": SHARED,
+           "shared_cases": SHARED_CASES,
            "fma_in": sorted(k for k, v in PTX.items() if any("fma.rn.f32" in p for p in v))}, sys.stdout)

@@ -213,7 +213,8 @@ def test_largest_batch_from_free_memory(monkeypatch):
 
     from fastjanus.bench.harness import largest_batch
     cfg7 = preset("janus-pro-7b")
-    pipe = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, cfg=cfg7, memory_plan=None)
+    pipe = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, cfg=cfg7, memory_plan=None,
+                           model=SimpleNamespace(kv_dtype=torch.bfloat16))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     free = 40 * 2 ** 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (free, 80 * 2 ** 30))
@@ -227,6 +228,8 @@ def test_largest_batch_from_free_memory(monkeypatch):
     pipe.memory_plan = plan
     assert largest_batch(pipe, BenchConfig(), 40)[0] == 8  # the static runtime's largest bucket
     assert largest_batch(pipe, BenchConfig(max_batch=3), 40) == (3, "--max-batch")
+    pipe.memory_plan, pipe.model.kv_dtype = None, torch.float8_e4m3fn  # an FP8 KV cache: half the KV bytes
+    assert largest_batch(pipe, BenchConfig(), 40)[0] == 64
 
 
 def test_partial_reports_and_the_time_limit(tiny_dir):

@@ -29,6 +29,9 @@ def test_byte_counts_by_hand():
     assert kb.skinny_gemm_bytes(2, 6144, 2048, 2) == 6144 * 2048 * 2 + 8192 + 24576
     # gate_up with SiLU·mul: the [11264, 2048] weight + x [2, 2048] + out [2, 5632]
     assert kb.skinny_gemm_bytes(2, 11264, 2048, 2, n_out=5632) == 11264 * 2048 * 2 + 8192 + 22528
+    # the same with an 8-bit weight: 1 byte per element (12 MiB) + 6144 fp32 scales, x and y still bf16
+    assert kb.w8_gemm_bytes(2, 6144, 2048, 2) == 6144 * 2048 + 6144 * 4 + 8192 + 24576
+    assert kb.w8_gemm_bytes(2, 11264, 2048, 2, n_out=5632) == 11264 * 2048 + 11264 * 4 + 8192 + 22528
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -46,7 +49,8 @@ def test_dry_run_covers_every_kernel(tmp_path):
     assert p.returncode == 0, p.stderr
     # the toy model at 2 rows: one row per kernel, the skinny GEMM on its four GEMMs (QKV, o, gate_up, down)
     names = ["decode_attention", "decode_attention+rope", "add_rmsnorm", "silu_mul", *["skinny_gemm"] * 4,
-             "skinny_gemm+silu_mul", "cfg_sample", "vq_lookup+post_quant_conv"]
+             "skinny_gemm+silu_mul", *["w8_gemm[int8]"] * 4, "w8_gemm[int8]+silu_mul", *["w8_gemm[fp8]"] * 4,
+             "w8_gemm[fp8]+silu_mul", *["w8a8_scaled_mm[fp8]"] * 4, "cfg_sample", "vq_lookup+post_quant_conv"]
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and [r["kernel"] for r in report["results"]] == names
     assert all(r["ms"] > 0 and r["torch_ms"] > 0 and r["bytes"] > 0 for r in report["results"])
@@ -59,4 +63,13 @@ def test_dry_run_covers_every_kernel(tmp_path):
     assert all(r["winner"] in ("triton", "cublas") and r["split_k"] == 1 and r["shape"]["rows"] == 2
                for r in gemms)  # one split on the CPU
     assert gemms[-1]["shape"]["intermediate"] == 128 and gemms[-1]["bytes"] == (256 * 64 + 2 * 64 + 2 * 128) * 2
+    # the 8-bit rows: the same GEMMs, block_k 256 for an 8-bit weight (bf16 activations), bytes of an 8-bit read
+    for wname in ("int8", "fp8"):
+        w8 = [r for r in report["results"] if r["kernel"].startswith(f"w8_gemm[{wname}]")]
+        assert [(r["shape"]["gemm"], r["shape"]["n"], r["shape"]["k"]) for r in w8] == \
+            [(r["shape"]["gemm"], r["shape"]["n"], r["shape"]["k"]) for r in gemms]
+        assert all(r["split_k"] == 1 and r["block_k"] == 256 and r["weight_gbs"] > 0 and r["winner"] in
+                   ("triton", "cublas") for r in w8)
+        assert w8[0]["bytes"] == 128 * 64 + 128 * 4 + (2 * 64 + 2 * 128) * 2
+        assert w8[-1]["bytes"] == 256 * 64 + 256 * 4 + (2 * 64 + 2 * 128) * 2
     assert "DRY RUN" in p.stdout and all(f"\n{n} " in p.stdout for n in names)

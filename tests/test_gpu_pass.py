@@ -100,6 +100,12 @@ def test_plans_stay_within_what_a_device_run_returns(tmp_path):
     assert files(["tests", "kernels", "e2e"], ["janus-pro-1b"]) == 8
     assert files(["e2e"], ["janus-pro-7b"]) == 7 and files(["tests", "kernels"], []) == 3
     assert files(["e2e"], ["janus-pro-1b", "janus-pro-7b"]) == 12 > gp.MAX_FILES  # refused by main
+    # quant per arch: an int8 and an fp8 bench JSON (with the FP8 KV cache and the quality check)
+    assert files(["quant"], ["janus-pro-1b", "janus-pro-7b"]) == 6
+    steps = gp.plan_steps(tmp_path, tmp_path, "x", "t", ["quant"], ["janus-pro-7b"], dry_run=False)
+    assert [s.name for s in steps] == ["checkpoint-janus-pro-7b", "bench-janus-pro-7b-int8", "bench-janus-pro-7b-fp8"]
+    cmd = " ".join(steps[2].cmd)
+    assert "--quantize fp8 --kv-cache fp8 --quality" in cmd and "--scenario t2i-16" in cmd and steps[2].needs
 
 
 def test_refusals(tmp_path, capsys):

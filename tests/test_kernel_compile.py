@@ -30,3 +30,11 @@ def test_kernels_compile_for_sm90(tmp_path):
     # the skinny GEMM stages weight and activation tiles the same way (96 KiB at 64 rows with silu_mul's two
     # weight tiles, the largest it launches)
     assert report["shared"]["_skinny_gemm_kernel"] <= 99 * 1024, report["shared"]
+    # the weight-only 8-bit cases (block_k 256 at bf16 activations), each recorded on its own: the same bound
+    w8 = {k: v for k, v in report["shared_cases"].items() if k.startswith("w8[")}
+    assert len([k for k in w8 if k.endswith("_skinny_gemm_kernel")]) == 7, w8
+    assert all(v <= 99 * 1024 for v in w8.values()), w8
+    # the FP8 KV cache: half the bytes per K/V tile of bf16 (22 KiB at D = 128 against 38 KiB, measured)
+    kv8 = {k: v for k, v in report["shared_cases"].items() if k.startswith("kv-fp8")}
+    assert len([k for k in kv8 if k.endswith("_decode_attention_split_kernel")]) == 8, kv8
+    assert all(v <= 99 * 1024 for v in kv8.values()), kv8

@@ -34,12 +34,12 @@ class KVPool:
 
     def __init__(self, model, plan: MemoryPlan):
         L = model.cfg.language
-        p = model.language_model.lm_head.weight
         self.per_slot = L.num_hidden_layers * L.num_key_value_heads * L.head_dim
         self.layers, self.kv_heads, self.head_dim = L.num_hidden_layers, L.num_key_value_heads, L.head_dim
         n = plan.pool_slots * self.per_slot
-        self.k = torch.zeros(n, device=p.device, dtype=p.dtype)
-        self.v = torch.zeros(n, device=p.device, dtype=p.dtype)
+        self.k = torch.zeros(n, device=model.device, dtype=model.kv_dtype)  # e4m3 with an fp8 KV cache
+        self.v = torch.zeros(n, device=model.device, dtype=model.kv_dtype)
+        self.scales = model.kv_scales
         self.plan = plan
 
     def cache(self, rows: int, capacity: int) -> KVCache:
@@ -47,7 +47,7 @@ class KVPool:
         shape = (self.layers, rows, self.kv_heads, capacity, self.head_dim)
         n = rows * capacity * self.per_slot
         lengths = torch.zeros(rows, device=self.k.device, dtype=torch.int32)
-        return KVCache.from_buffers(self.k[:n].view(shape), self.v[:n].view(shape), lengths)
+        return KVCache.from_buffers(self.k[:n].view(shape), self.v[:n].view(shape), lengths, self.scales)
 
 
 class StaticDecoder:

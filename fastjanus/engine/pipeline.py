@@ -16,6 +16,7 @@ from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
+from ..quant import KV_CACHE, QuantConfig, check_device, check_scheme, convert, set_backend
 from ..tokenizer import JanusTokenizer
 from .graphs import DecodeRuntime
 from .memory import MemoryPlan, check_plan_overrides, plan_memory
@@ -230,6 +231,8 @@ class JanusPipeline:
         self.cfg: JanusConfig = model.cfg
         self.device, self.dtype, self.weights, self.path = device, dtype, weights, path
         self.backend, self.cuda_graphs, self.memory_plan = backend, cuda_graphs, memory_plan
+        self.quantization: QuantConfig | None = None  # 8-bit weights (set by load)
+        self.kv_cache: str | None = None  # "fp8": an e4m3 KV cache
         self._timings = threading.local()  # last_timings: per thread, so that each sees its own request's
         self.load_timings: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -594,9 +597,31 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
+def resolve_quantization(cfg: JanusConfig, path: Path, quantize, quantize_heads, kv_cache):
+    """(the folder's own QuantConfig or None, the one to apply while loading or None), with the load options
+    checked against the folder before any weight is read."""
+    folder = QuantConfig.of(cfg, str(path / "config.json"))
+    if not isinstance(quantize_heads, bool):
+        raise InputError(f"{arg('quantize_heads')} must be True or False, got {quantize_heads!r}")
+    if kv_cache is not None and kv_cache not in KV_CACHE:
+        raise InputError(f"{arg('kv_cache')} must be one of {', '.join(KV_CACHE)} (or left out: the model dtype), "
+                         f"got {kv_cache!r}")
+    if quantize is None:
+        if quantize_heads:
+            raise InputError(f"{arg('quantize_heads')} applies with {arg('quantize')}; pass quantize='int8' or "
+                             "'fp8' too, or drop it")
+        return folder, None
+    check_scheme(quantize)
+    if folder is not None:
+        raise InputError(f"{path_of('model', path)} is already quantized ({folder.weights} weights); load it "
+                         f"without {arg('quantize')}")
+    return None, QuantConfig(quantize, quantize_heads)
+
+
 def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None,
          cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None,
-         warmup: bool = False) -> JanusPipeline:
+         warmup: bool = False, quantize: str | None = None, quantize_heads: bool = False,
+         kv_cache: str | None = None) -> JanusPipeline:
     """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
 
     backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
@@ -608,6 +633,11 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     (seconds), so that no request pays for it: what a server or a benchmark wants. The default leaves that to
     each bucket's first request (cheaper for one-off runs). `pipe.load_timings` has both times.
 
+    8-bit weights (fastjanus/quant.py): a folder written by `fastjanus quantize` loads as it is; quantize="int8"
+    or "fp8" quantizes a float checkpoint's LLM linears while loading (quantize_heads=True: gen_head and
+    lm_head too). kv_cache="fp8": an e4m3 KV cache with per-layer, per-head scales bounded from the weights.
+    FP8 needs sm_89+ with the triton backend on a GPU.
+
     The pipeline serialises its requests (a lock) and frees its device memory on close(), at the end of a
     `with` block, or when the last reference to it goes."""
     if not isinstance(warmup, bool):
@@ -617,6 +647,9 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     cfg = JanusConfig.from_file(path)
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
+    folder_quant, load_quant = resolve_quantization(cfg, path, quantize, quantize_heads, kv_cache)
+    check_device((folder_quant or load_quant).weights if (folder_quant or load_quant) else None, kv_cache, dev,
+                 backend)
     graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
@@ -625,18 +658,24 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
                           f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
     with torch.device("meta"):
         model = JanusModel(cfg)
+        if folder_quant or load_quant:
+            convert(model, folder_quant or load_quant)
     check_static_options(backend, max_rows, max_len, cfg)
-    files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress)
+    files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress,
+                            quant=folder_quant, quantize=load_quant)
     model.eval()
     # the inference layout (models/llama.py, models/janus.py). no_grad, not inference_mode: inference tensors
-    # could not be changed in place later outside inference mode (a quantizer would)
+    # could not be changed in place later outside inference mode
     with torch.no_grad():
         model.fuse()
+    if kv_cache == "fp8":
+        model.use_fp8_kv_cache()
+    set_backend(model, backend)
     plan = None
     if backend == "triton":
-        plan = plan_memory(cfg, torch.empty(0, dtype=dt).element_size(), free_memory(dev), max_rows=max_rows,
-                           max_len=max_len)
+        plan = plan_memory(cfg, model.kv_dtype.itemsize, free_memory(dev), max_rows=max_rows, max_len=max_len)
     pipe = JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
+    pipe.quantization, pipe.kv_cache = folder_quant or load_quant, kv_cache
     t1 = time.perf_counter()
     pipe.load_timings = {"load_s": t1 - t0, "warmup_s": 0.0}
     if warmup:

@@ -47,6 +47,9 @@ class JanusModel(nn.Module):
         self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.embed_dim)
         self.language_model = LanguageModel(cfg.language)
         self.register_buffer("gen_code_table", None, persistent=False)  # [codebook, D], made by fuse()
+        # e4m3 KV cache scales [layers, Hkv] fp32 (quant.kv_cache_scales), set by use_fp8_kv_cache()
+        self.register_buffer("kv_k_scale", None, persistent=False)
+        self.register_buffer("kv_v_scale", None, persistent=False)
 
     # ---- pieces the engine composes
     @property
@@ -92,9 +95,32 @@ class JanusModel(nn.Module):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] → [B, N, D]
         return self.aligner(self.vision_model(pixels))
 
+    @property
+    def dtype(self) -> torch.dtype:  # the model (activation) dtype; 8-bit weights do not change it
+        return self.llm.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.norm.weight.device
+
+    @property
+    def kv_scales(self):
+        return None if self.kv_k_scale is None else (self.kv_k_scale, self.kv_v_scale)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.dtype if self.kv_k_scale is None else torch.float8_e4m3fn
+
+    @torch.no_grad()
+    def use_fp8_kv_cache(self) -> None:
+        """Make every new KV cache e4m3 with per-layer, per-head scales bounded from the weights (after fuse())."""
+        from ..quant import kv_cache_scales
+        k, v = kv_cache_scales(self.llm)
+        self.register_buffer("kv_k_scale", k.contiguous(), persistent=False)
+        self.register_buffer("kv_v_scale", v.contiguous(), persistent=False)
+
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        p = self.language_model.lm_head.weight
-        return KVCache(self.cfg.language, rows, max_len, p.device, p.dtype)
+        return KVCache(self.cfg.language, rows, max_len, self.device, self.dtype, self.kv_scales)
 
 
 def known_unused_key(key: str, cfg: JanusConfig) -> bool:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import LlamaConfig
 from ..kernels import reference as ref
+from ..quant import qlinear, weight_scale
 
 try:  # optional: only used for the causal prefill on CUDA in fp16/bf16
     from flash_attn import flash_attn_func
@@ -43,26 +44,41 @@ except ImportError:
 
 
 class KVCache:
-    """k, v: [layers, rows, kv_heads, max_len, head_dim], allocated once; lengths: [rows] int32, tokens held."""
+    """k, v: [layers, rows, kv_heads, max_len, head_dim], allocated once; lengths: [rows] int32, tokens held.
 
-    def __init__(self, cfg: LlamaConfig, rows: int, max_len: int, device, dtype):
+    With scales (k_scale, v_scale [layers, kv_heads] fp32, `quant.kv_cache_scales`) k and v are e4m3: a stored
+    value x stands for x · scale of its layer and head."""
+
+    def __init__(self, cfg: LlamaConfig, rows: int, max_len: int, device, dtype, scales=None):
         shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        if scales is not None:
+            dtype = torch.float8_e4m3fn
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(rows, device=device, dtype=torch.int32)
         self.max_len = max_len
+        self.k_scale, self.v_scale = scales if scales is not None else (None, None)
 
     @classmethod
-    def from_buffers(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
+    def from_buffers(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scales=None) -> "KVCache":
         """A cache over existing buffers (views of the static KV pool): nothing is allocated."""
         self = cls.__new__(cls)
         self.k, self.v, self.lengths, self.max_len = k, v, lengths, k.shape[3]
+        self.k_scale, self.v_scale = scales if scales is not None else (None, None)
         return self
+
+    @property
+    def scales(self):
+        return None if self.k_scale is None else (self.k_scale, self.v_scale)
+
+    def layer_scales(self, i: int) -> dict:
+        """The attention kernel's scale arguments for layer i ({} for a cache in the model dtype)."""
+        return {} if self.k_scale is None else {"k_scale": self.k_scale[i], "v_scale": self.v_scale[i]}
 
     def view_rows(self, rows: int, start: int = 0) -> "KVCache":
         """Rows start .. start+rows−1, sharing storage (and lengths) with this cache."""
         sl = slice(start, start + rows)
-        return KVCache.from_buffers(self.k[:, sl], self.v[:, sl], self.lengths[sl])
+        return KVCache.from_buffers(self.k[:, sl], self.v[:, sl], self.lengths[sl], self.scales)
 
     @property
     def rows(self) -> int:
@@ -116,9 +132,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class DecodeOps:
     """The fused ops of a decode step, from one backend (see the module docstring)."""
     add_rmsnorm: Callable  # (x, *, weight, eps, residual=None) → normed; residual ← x + residual in place
-    linear: Callable  # (x [B, K], w [N, K]) → [B, N]
-    linear_silu_mul: Callable  # (x [B, D], gate_up weight [2I, D]) → silu(gate) · up [B, I]
-    attention: Callable  # (q, k_new, v_new, k_cache, v_cache, lengths, *, rope) → [B, H, hd]; appends k/v
+    linear: Callable  # (x [B, K], w [N, K], scale [N] | None) → [B, N]; w 8-bit when scale is given
+    linear_silu_mul: Callable  # (x [B, D], gate_up weight [2I, D], scale [2I] | None) → silu(gate) · up [B, I]
+    # (q, k_new, v_new, k_cache, v_cache, lengths, *, rope, [k_scale, v_scale]) → [B, H, hd]; appends k/v
+    attention: Callable
 
 
 def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
@@ -130,21 +147,32 @@ def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
         from ..kernels.rmsnorm import add_rmsnorm
         # GEMMs: cuBLAS, or the Triton skinny GEMM where a committed GPU measurement says it is faster
         return DecodeOps(add_rmsnorm, gemm_table.linear, gemm_table.linear_silu_mul, decode_attention)
-    return DecodeOps(ref.add_rmsnorm_ref, F.linear, lambda x, w: ref.silu_mul_ref(F.linear(x, w)),
+    return DecodeOps(ref.add_rmsnorm_ref, qlinear, lambda x, w, s=None: ref.silu_mul_ref(qlinear(x, w, s)),
                      partial(ref.decode_attention_ref, bound=bound))
 
 
-def _fuse_linears(parts: list[nn.Linear]) -> torch.Tensor:
+def _fuse_linears(parts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight [sum of outs, in] from bias-free Linears, whose weights become views into it (the official
     parameters stay for the state dict, with no second copy). The concatenation briefly holds one layer's
-    parts twice: at most 172 MiB (Pro-7B's gate/up in bf16), never the whole model."""
-    w = torch.cat([m.weight.detach() for m in parts])
-    at = 0
-    for m in parts:
-        n = m.weight.shape[0]
-        m.weight = nn.Parameter(w[at:at + n], requires_grad=False)
-        at += n
-    return w
+    parts twice: at most 172 MiB (Pro-7B's gate/up in bf16), never the whole model.
+
+    8-bit Linears (`quant.QuantLinear`): the 8-bit weights and their per-row scales are concatenated alike
+    (per-row scales commute with stacking rows). Returns (weight, scale or None)."""
+    names = ["weight"] + (["weight_scale"] if weight_scale(parts[0]) is not None else [])
+    fused = []
+    for name in names:
+        t = torch.cat([getattr(m, name).detach() for m in parts])
+        at = 0
+        for m in parts:
+            n = getattr(m, name).shape[0]
+            setattr(m, name, nn.Parameter(t[at:at + n], requires_grad=False))
+            at += n
+        fused.append(t)
+    return fused[0], (fused[1] if len(fused) > 1 else None)
+
+
+def _backend(m: nn.Module) -> str:
+    return getattr(m, "backend", "torch")  # a QuantLinear's (set by the pipeline); plain Linears ignore it
 
 
 class Attention(nn.Module):
@@ -157,34 +185,46 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
         self.register_buffer("qkv_weight", None, persistent=False)  # [(H + 2·Hkv)·hd, D], made by fuse()
+        self.register_buffer("qkv_scale", None, persistent=False)  # [(H + 2·Hkv)·hd] fp32 with 8-bit weights
 
     def fuse(self) -> None:
-        self.register_buffer("qkv_weight", _fuse_linears([self.q_proj, self.k_proj, self.v_proj]), persistent=False)
+        w, s = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.register_buffer("qkv_weight", w, persistent=False)
+        self.register_buffer("qkv_scale", s, persistent=False)
 
-    def _qkv(self, x: torch.Tensor, linear=F.linear):
+    def _qkv(self, x: torch.Tensor, linear=None):
         """x [..., D] → q [..., H, hd], k, v [..., Hkv, hd]: views of one GEMM's output."""
-        qkv = linear(x, self.qkv_weight)
+        if linear is None:
+            linear = partial(qlinear, backend=_backend(self.q_proj))
+        qkv = linear(x, self.qkv_weight, self.qkv_scale)
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
         return q.unflatten(-1, (H, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
 
-    def prefill(self, x, cos, sin, k_cache, v_cache):
-        """x [B, T, D] at slots 0..T−1 of every row; writes those cache slots (padding included, never read)."""
+    def prefill(self, x, cos, sin, k_cache, v_cache, k_scale=None, v_scale=None):
+        """x [B, T, D] at slots 0..T−1 of every row; writes those cache slots (padding included, never read).
+        With scales ([Hkv] fp32) the cache is e4m3 and gets the quantized keys/values; attention here uses the
+        unquantized ones."""
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # [B, H, T, hd], [B, Hkv, T, hd] ×2
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache[:, :, :T] = k
-        v_cache[:, :, :T] = v
+        if k_scale is None:
+            k_cache[:, :, :T] = k
+            v_cache[:, :, :T] = v
+        else:
+            k_cache[:, :, :T] = ref.fp8_quantize(k, k_scale[:, None, None])
+            v_cache[:, :, :T] = ref.fp8_quantize(v, v_scale[:, None, None])
         o = causal_attention(q, k, v)  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def decode(self, x, k_cache, v_cache, lengths, rope, ops: DecodeOps):
+    def decode(self, x, k_cache, v_cache, lengths, rope, ops: DecodeOps, **kv_scales):
         """x [B, D], one new token per row at slot lengths[b] (its rotary position); attends over slots
-        0..lengths[b] and appends the new K/V (rotated) to the cache."""
+        0..lengths[b] and appends the new K/V (rotated) to the cache. kv_scales: k_scale, v_scale of an e4m3
+        cache."""
         B, _ = x.shape
         q, k, v = self._qkv(x, ops.linear)  # [B, H, hd], [B, Hkv, hd] ×2 (views of one [B, (H + 2·Hkv)·hd] buffer)
-        o = ops.attention(q, k, v, k_cache, v_cache, lengths, rope=rope)  # [B, H, hd]
-        return ops.linear(o.reshape(B, -1), self.o_proj.weight)
+        o = ops.attention(q, k, v, k_cache, v_cache, lengths, rope=rope, **kv_scales)  # [B, H, hd]
+        return ops.linear(o.reshape(B, -1), self.o_proj.weight, weight_scale(self.o_proj))
 
 
 class MLP(nn.Module):
@@ -194,16 +234,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # [2·I, D], made by fuse()
+        self.register_buffer("gate_up_scale", None, persistent=False)  # [2·I] fp32 with 8-bit weights
 
     def fuse(self) -> None:
-        self.register_buffer("gate_up_weight", _fuse_linears([self.gate_proj, self.up_proj]), persistent=False)
+        w, s = _fuse_linears([self.gate_proj, self.up_proj])
+        self.register_buffer("gate_up_weight", w, persistent=False)
+        self.register_buffer("gate_up_scale", s, persistent=False)
 
     def forward(self, x):  # [..., D], the prefill: torch's rounding (SiLU, then the product) as the official code
-        g, u = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        g, u = qlinear(x, self.gate_up_weight, self.gate_up_scale, backend=_backend(self.gate_proj)).chunk(2, dim=-1)
         return self.down_proj(F.silu(g) * u)
 
     def decode(self, x, ops: DecodeOps):  # [B, D]
-        return ops.linear(ops.linear_silu_mul(x, self.gate_up_weight), self.down_proj.weight)
+        h = ops.linear_silu_mul(x, self.gate_up_weight, self.gate_up_scale)  # [B, I]
+        return ops.linear(h, self.down_proj.weight, weight_scale(self.down_proj))
 
 
 class DecoderLayer(nn.Module):
@@ -214,8 +258,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def prefill(self, x, cos, sin, k_cache, v_cache):  # [B, T, D]
-        x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, k_cache, v_cache)
+    def prefill(self, x, cos, sin, k_cache, v_cache, **kv_scales):  # [B, T, D]
+        x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, k_cache, v_cache, **kv_scales)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -246,7 +290,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"prefill of {T} tokens exceeds the cache's {cache.max_len} slots")
         cos, sin = rope_cos_sin(self.rope, T, x.dtype)  # [1, 1, T, hd]
         for i, layer in enumerate(self.layers):
-            x = layer.prefill(x, cos, sin, cache.k[i], cache.v[i])
+            x = layer.prefill(x, cos, sin, cache.k[i], cache.v[i], **cache.layer_scales(i))
         cache.lengths.copy_(lengths)
         return self.norm(x)
 
@@ -260,7 +304,8 @@ class LlamaModel(nn.Module):
         residual = x  # [B, D]
         h = ops.add_rmsnorm(x, weight=layers[0].input_layernorm.weight, eps=eps)
         for i, layer in enumerate(layers):
-            a = layer.self_attn.decode(h, cache.k[i], cache.v[i], cache.lengths, self.rope, ops)  # [B, D]
+            a = layer.self_attn.decode(h, cache.k[i], cache.v[i], cache.lengths, self.rope, ops,
+                                       **cache.layer_scales(i))  # [B, D]
             h = ops.add_rmsnorm(a, weight=layer.post_attention_layernorm.weight, eps=eps, residual=residual)
             m = layer.mlp.decode(h, ops)
             # the next layer's input norm, or the final norm after the last layer, fused with this residual add
