@@ -216,6 +216,12 @@ def load_state_into(model: torch.nn.Module, model_dir: str | Path, device, dtype
     check_keys(found, expected, ignorable, str(Path(model_dir)))
     if quant is not None:
         check_quantized_dtypes(found, qweights, quant.weights, str(Path(model_dir)))
+    stray = sorted(k for k in expected if k not in qweights and found[k][1] in ("int8", "float8_e4m3fn"))
+    if stray:  # an 8-bit tensor the config does not declare: casting it would load garbage
+        raise CheckpointError(f"{model_dir}: {len(stray)} tensor(s) are 8-bit but config.json declares no such "
+                              f"quantization for them: {', '.join(stray[:4])}. A folder from `fastjanus quantize` "
+                              "keeps its config.json's quantization_config; restore it, or quantize the original "
+                              "checkpoint again")
     it = iter_tensors(files, set(expected), device, dtype,
                       keep=lambda k: k in qweights or k.endswith("." + SCALE_SUFFIX))
     if progress:

@@ -113,16 +113,22 @@ def target_modules(cfg, heads: bool) -> list[str]:
 # ------------------------------------------------------------------------------------------ arithmetic
 def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (any float dtype) → (q [N, K] 8-bit, scale [N] fp32): symmetric per-row round to nearest, computed
-    in fp32 on w's device."""
+    in fp32 on w's device, in chunks of rows (≤ 64 MiB of fp32 scratch: quantizing Pro-7B's lm_head at load
+    must not need two fp32 copies of it, 3.4 GB, next to the weights already placed)."""
     dt, qmax = SCHEMES[scheme]
-    wf = w.float()
-    amax = wf.abs().amax(dim=1)  # [N]
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    x = wf / scale[:, None]
-    if scheme == "int8":
-        q = x.round_().clamp_(-qmax, qmax).to(dt)
-    else:  # |x| ≤ 448 by construction (the clamp only absorbs the division's rounding)
-        q = x.clamp_(-qmax, qmax).to(dt)
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=dt, device=w.device)
+    scale = torch.empty(N, dtype=torch.float32, device=w.device)
+    step = max(1, _DEQUANT_CHUNK_BYTES // (K * 4))
+    for a in range(0, N, step):
+        x = w[a:a + step].to(torch.float32, copy=True)  # a copy even for fp32 w: scaled in place below
+        amax = x.abs().amax(dim=1)  # [rows]
+        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        x.div_(s[:, None])
+        if scheme == "int8":
+            x.round_()
+        q[a:a + step] = x.clamp_(-qmax, qmax)  # e4m3: the cast rounds to nearest even; |x| ≤ 448 already
+        scale[a:a + step] = s
     return q, scale
 
 
@@ -142,8 +148,8 @@ W8A8_ROWS: dict[str, frozenset[int]] = {}
 def use_w8a8(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether this fp8 GEMM runs as W8A8 (`w8a8_linear`): only where W8A8_ROWS says a measurement favoured it.
     A host-side lookup when a step is built, never inside a replay."""
-    if not W8A8_ROWS or not x.is_cuda or w.dtype != torch.float8_e4m3fn:
-        return False
+    if not W8A8_ROWS or not x.is_cuda or w.dtype != torch.float8_e4m3fn or x.dtype != torch.bfloat16:
+        return False  # (_scaled_mm's row-wise scaling gives bf16 outputs on CUDA)
     return x.shape[0] in W8A8_ROWS.get(torch.cuda.get_device_name(x.device), ())
 
 
@@ -162,24 +168,39 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: 
             backend: str = "torch") -> torch.Tensor:
     """x [..., K] @ w [N, K]ᵀ (+ bias) with w 8-bit and scale [N] fp32, or a plain F.linear when scale is None.
 
-    backend "triton" with ≤ 64 rows: the skinny GEMM on the 8-bit weight. Otherwise the dequantize-then-matmul
-    reference, in chunks of output rows so the scratch stays ≤ 64 MiB."""
+    backend "triton" with ≤ 256 rows (a decode step, a short prefill): the skinny GEMM on the 8-bit weight
+    (`w8a16_linear`). Otherwise the dequantize-then-matmul reference, in chunks of output rows so the fp32
+    scratch stays ≤ 64 MiB."""
     if scale is None:
         return F.linear(x, w, bias)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if backend == "triton" and 1 <= x2.shape[0] <= MAX_KERNEL_ROWS and x2.stride(-1) == 1:
-        from .kernels.skinny_gemm import skinny_gemm
-        y = skinny_gemm(x2, w, w_scale=scale)
+    if backend == "triton" and 1 <= x2.shape[0] <= 4 * MAX_KERNEL_ROWS:
+        y = w8a16_linear(x2.contiguous(), w, scale)
     else:
         N = w.shape[0]
-        step = max(1, _DEQUANT_CHUNK_BYTES // (K * 4))
+        step = max(1, _DEQUANT_CHUNK_BYTES // (K * 8))  # two fp32 temporaries per chunk
         y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
         for a in range(0, N, step):
             y[:, a:a + step] = F.linear(x2, dequantize(w[a:a + step], scale[a:a + step], x.dtype))
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w.shape[0])
+
+
+def w8a16_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, epilogue: str | None = None) -> torch.Tensor:
+    """x [M, K] @ 8-bit w [N, K]ᵀ with its row scales on the skinny GEMM; more than 64 rows (a bucket of over 32
+    images) run as 64-row slices of one output, each reading the 8-bit weight once: two slices read as many
+    bytes as one bf16 GEMM, still less than dequantizing first."""
+    from .kernels.skinny_gemm import skinny_gemm
+    M = x.shape[0]
+    if M <= MAX_KERNEL_ROWS:
+        return skinny_gemm(x, w, w_scale=scale, epilogue=epilogue)
+    n_out = w.shape[0] // 2 if epilogue == "silu_mul" else w.shape[0]
+    out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+    for a in range(0, M, MAX_KERNEL_ROWS):
+        skinny_gemm(x[a:a + MAX_KERNEL_ROWS], w, w_scale=scale, epilogue=epilogue, out=out[a:a + MAX_KERNEL_ROWS])
+    return out
 
 
 class QuantLinear(nn.Module):
@@ -230,10 +251,16 @@ def check_device(scheme: str | None, kv_cache: str | None, device: torch.device,
         return
     cap = torch.cuda.get_device_capability(device)
     if cap < FP8_MIN_CAPABILITY:
+        fixes = []
+        if scheme == "fp8":
+            fixes.append("int8 weights (fastjanus quantize --weights int8 of the original checkpoint, or "
+                         f"{setting('quantize', 'int8')})")
+        if kv_cache == "fp8":
+            fixes.append(f"no {arg('kv_cache')} (the model dtype)")
         raise InputError(f"{' and '.join(want)} need a GPU of compute capability {FP8_MIN_CAPABILITY[0]}."
                          f"{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper) for Triton's e4m3 conversions; "
                          f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}. Use "
-                         f"{setting('quantize', 'int8')} (and no {arg('kv_cache')}) on this GPU")
+                         + " and ".join(fixes) + f" on this GPU, or {setting('backend', 'torch')} (slower)")
 
 
 # ------------------------------------------------------------------------------------------ KV cache
@@ -266,4 +293,7 @@ def kv_cache_scales(llm, margin: float = 1.02) -> tuple[torch.Tensor, torch.Tens
         ks.append(bk.amax(dim=1))
         vs.append(bv.amax(dim=1))
     qmax = SCHEMES["fp8"][1]
-    return torch.stack(ks) * margin / qmax, torch.stack(vs) * margin / qmax
+    k, v = torch.stack(ks), torch.stack(vs)
+    # a head whose bound is 0 (all-zero rows, a pruned head) holds only zeros: scale 1, not 0/0 = NaN
+    k, v = (torch.where(b > 0, b * margin / qmax, torch.ones_like(b)) for b in (k, v))
+    return k, v

@@ -88,6 +88,7 @@ def quantize_checkpoint(model_dir, out, weights: str, heads: bool = False, progr
         for p in src.iterdir():  # tokenizer, processor and any other small files, as they are
             if p.is_file() and p.name not in skip and not p.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(p, tmp / p.name)
+        _public(tmp)
         if out.exists():
             out.rmdir()  # empty (checked)
         tmp.rename(out)
@@ -95,6 +96,17 @@ def quantize_checkpoint(model_dir, out, weights: str, heads: bool = False, progr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _public(folder: Path) -> None:
+    """The permissions a plain mkdir and open would give (mkdtemp makes 0700, save_file 0600): the quantized
+    folder is for every user and service that could read the original."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _write_shards(files, expected: dict, targets: set[str], weights: str, tmp: Path, shard_bytes: int,

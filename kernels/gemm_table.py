@@ -34,8 +34,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
     With scale (w 8-bit, scale [N] fp32) always the skinny GEMM: cuBLAS has no W8A16 GEMM, and dequantizing
     first would read more bytes than bf16."""
     if scale is not None:
-        from ..quant import use_w8a8, w8a8_linear  # fp8 W8A8 where a GPU measurement favoured it (empty)
-        return w8a8_linear(x, w, scale) if use_w8a8(x, w) else skinny_gemm(x, w, w_scale=scale)
+        from ..quant import use_w8a8, w8a16_linear, w8a8_linear  # fp8 W8A8 where a GPU measured it faster (empty)
+        return w8a8_linear(x, w, scale) if use_w8a8(x, w) else w8a16_linear(x, w, scale)
     split_k = lookup(x, w, None)
     if split_k is None:
         return F.linear(x, w)
@@ -46,10 +46,10 @@ def linear_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     """x [M, K] with the fused gate/up weight w [2I, K] → silu(gate) · up [M, I]: one skinny-GEMM launch where
     the table says so (or w is 8-bit, with its scales [2I]), else cuBLAS and the SiLU·mul kernel."""
     if scale is not None:
-        from ..quant import use_w8a8, w8a8_linear
+        from ..quant import use_w8a8, w8a16_linear, w8a8_linear
         if use_w8a8(x, w):
             return silu_mul(w8a8_linear(x, w, scale))
-        return skinny_gemm(x, w, epilogue="silu_mul", w_scale=scale)
+        return w8a16_linear(x, w, scale, epilogue="silu_mul")
     split_k = lookup(x, w, "silu_mul")
     if split_k is None:
         return silu_mul(F.linear(x, w))

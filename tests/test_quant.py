@@ -11,7 +11,7 @@ import fastjanus
 from fastjanus import quant
 from fastjanus.cli import main
 from fastjanus.config import preset
-from fastjanus.engine.memory import GiB, plan_memory, weight_bytes
+from fastjanus.engine.memory import GiB, derived_bytes, plan_memory, weight_bytes
 from fastjanus.errors import CheckpointError, InputError
 from fastjanus.quant import QuantConfig
 from fastjanus.quantize import quantize_checkpoint
@@ -25,6 +25,9 @@ def test_quantize_weight_is_per_row_round_to_nearest(scheme):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(37, 301, generator=g) * torch.rand(37, 1, generator=g) * 3  # rows of different ranges
     w[5] = 0  # an all-zero row: scale 1, no division by zero
+    w0 = w.clone()
+    quant.quantize_weight(w, scheme)
+    assert torch.equal(w, w0), "the input must not be modified (fp32: no copy is made by .float())"
     q, s = quant.quantize_weight(w.to(torch.bfloat16), scheme)
     assert q.dtype == quant.storage_dtype(scheme) and s.dtype == torch.float32 and s.shape == (37,)
     wb = w.to(torch.bfloat16).float()
@@ -180,7 +183,7 @@ def test_the_plan_fits_pro7b_x16_on_24gib_with_8bit_weights_and_fp8_kv():
     cfg = preset("janus-pro-7b")
 
     def images_that_fit(card_gib, weights, kv_elem, prompt=48, context=0.6 * GiB):
-        free = int(card_gib * GiB - weights - context)
+        free = int(card_gib * GiB - weights - derived_bytes(cfg, 2) - context)
         best = 0
         for n in (1, 2, 4, 8, 16, 32):
             try:
@@ -352,3 +355,81 @@ def test_generate_and_bench_flags(tiny_dir, tmp_path, capsys):
     assert "--quantize-heads applies with --quantize" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_dir), "--quality"]) == 2
     assert "--quality compares an 8-bit model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_more_than_64_rows_run_in_slices():
+    """A bucket of more than 32 images: the 8-bit GEMMs run the kernel in 64-row slices of one output."""
+    pytest.importorskip("triton")
+    from fastjanus.kernels import gemm_table
+    from fastjanus.kernels.reference import skinny_gemm_ref
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(130, 32, generator=g)
+    q, s = quant.quantize_weight(torch.randn(48, 32, generator=g), "int8")
+    out = torch.full((130, 48), float("nan"))
+    out[:] = gemm_table.linear(x, q, s)
+    torch.testing.assert_close(out, skinny_gemm_ref(x, q, w_scale=s), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gemm_table.linear_silu_mul(x, q, s), skinny_gemm_ref(x, q, w_scale=s,
+                                                                                     epilogue="silu_mul"),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_a_pruned_head_gets_scale_one_not_nan(tiny_dir):
+    p = fastjanus.load(tiny_dir, device="cpu", dtype=torch.float32)
+    a, H, hd = p.model.llm.layers[0].self_attn, p.cfg.language.num_attention_heads, p.cfg.language.head_dim
+    with torch.no_grad():
+        a.qkv_weight[H * hd:(H + 1) * hd] = 0  # kv head 0's key rows
+        p.model.use_fp8_kv_cache()
+    assert p.model.kv_k_scale[0, 0] == 1 and torch.isfinite(p.model.kv_k_scale).all()
+    assert torch.isfinite(p.first_step_logits("a cat")).all()
+    assert torch.isfinite(p.runner.decode(torch.tensor([1, 2]), _prefilled(p), paired=True)).all()
+
+
+def _prefilled(p):
+    cache = p.runner.new_cache(2, 40)
+    p.runner.prefill([[5, 6, 7], [5, 6, 7, 8]], cache)
+    return cache
+
+
+def test_each_pipeline_sets_its_backend_on_the_8bit_linears(tiny_dir):
+    from fastjanus.engine.pipeline import JanusPipeline
+    p = fastjanus.load(tiny_dir, device="cpu", dtype=torch.float32, backend="triton", quantize="int8",
+                       quantize_heads=True)
+    lin = p.model.gen_head.vision_head
+    assert lin.backend == "triton"
+    JanusPipeline(p.model, p.tokenizer, p.device, p.dtype, backend="torch")  # the bench's torch-eager baseline
+    assert lin.backend == "torch"
+
+
+def test_quantized_folder_permissions_and_undeclared_8bit_tensors(q8_dir, tmp_path):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert q8_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in q8_dir.iterdir())
+    # without its quantization_config (and scales) the folder's scales are unexpected keys; a float folder with
+    # an 8-bit tensor slipped in is refused by name instead of being cast to garbage
+    bad = tmp_path / "noconfig"
+    shutil.copytree(q8_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["quantization_config"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): .*weight_scale"):
+        fastjanus.load(bad, device="cpu")
+
+    def to_int8(sd):
+        k = "language_model.model.layers.0.self_attn.q_proj.weight"
+        sd[k] = sd[k].to(torch.int8)
+        del sd[k.replace("weight", "weight_scale")]
+    stray = tmp_path / "stray"
+    shutil.copytree(q8_dir, stray)
+    _edit_shard(stray, to_int8)
+    (stray / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((stray / "model.safetensors.index.json").read_text())
+    for f in set(index["weight_map"].values()):  # keep only that 8-bit tensor, the rest back to float
+        sd = load_file(str(stray / f))
+        sd = {k: (v.float() if k.endswith(".weight") and v.dtype == torch.int8 and "layers.0.self_attn.q_proj"
+                  not in k else v) for k, v in sd.items() if not k.endswith("weight_scale")}
+        save_file(sd, str(stray / f))
+    with pytest.raises(CheckpointError, match="8-bit but config.json declares no such quantization.*q_proj"):
+        fastjanus.load(stray, device="cpu")

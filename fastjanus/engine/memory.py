@@ -22,11 +22,19 @@ def kv_cache_bytes(cfg: LlamaConfig, elem: int, rows: int, max_len: int) -> int:
     return rows * max_len * kv_bytes_per_token(cfg, elem)
 
 
+def derived_bytes(cfg: JanusConfig, elem: int) -> int:
+    """Tables fuse() adds at load: the image-code embedding [codebook, D] in the model dtype and the fp32 rotary
+    table [positions, 2, hd/2] (Pro-7B bf16: 128 MiB + 8 MiB)."""
+    L = cfg.language
+    return cfg.vq.codebook_size * L.hidden_size * elem + L.max_position_embeddings * L.head_dim * 4
+
+
 def weight_bytes(cfg: JanusConfig, elem: int, quant=None, prefixes: tuple[str, ...] | None = None) -> int:
     """Bytes of the tensors load() places (all, or those whose names start with one of `prefixes`): elem bytes per
     element in the model dtype, and for the Linears an 8-bit scheme quantizes (quant, a `quant.QuantConfig`)
     1 byte per element plus a 4-byte scale per output row. Pro-7B: 14.8 GB in bf16, 8.8 GB with int8 LLM
-    linears. Counted from the model's shapes on the meta device (nothing is allocated)."""
+    linears. Counted from the model's shapes on the meta device (nothing is allocated). The checkpoint's tensors
+    only: `derived_bytes` are the tables fuse() adds."""
     import torch
 
     from ..models.janus import JanusModel

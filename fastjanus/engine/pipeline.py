@@ -241,6 +241,7 @@ class JanusPipeline:
         # The runner (engine/runner.py) defines the prefill and the decode step. The static runtime
         # (engine/graphs.py) drives the triton backend's loops with it; the torch backend keeps the plain eager
         # loops below (the reference), which call the same step.
+        set_backend(model, backend)  # the 8-bit Linears' GEMMs (quant.QuantLinear) follow this pipeline's backend
         self.runner = ModelRunner(model, device, dtype, backend, tokenizer.pad_id, tokenizer.image_id)
         self.runtime = DecodeRuntime(self.runner, memory_plan, cuda_graphs) if backend == "triton" and memory_plan \
             else None
@@ -670,7 +671,6 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
         model.fuse()
     if kv_cache == "fp8":
         model.use_fp8_kv_cache()
-    set_backend(model, backend)
     plan = None
     if backend == "triton":
         plan = plan_memory(cfg, model.kv_dtype.itemsize, free_memory(dev), max_rows=max_rows, max_len=max_len)
