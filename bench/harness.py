@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, arg
-from ..quant import KV_CACHE, check_scheme
+from ..quant import check_kv_cache, check_scheme
 from ..random_init import cached_random_model
 from . import roofline as rl
 from .roofline import sync as _sync
@@ -86,9 +86,7 @@ class BenchConfig:
             raise InputError("no scenario selected")
         if self.quantize is not None:
             check_scheme(self.quantize)
-        if self.kv_cache not in (None, *KV_CACHE):
-            raise InputError(f"{arg('kv_cache')} must be one of {', '.join(KV_CACHE)} (or left out), got "
-                             f"{self.kv_cache!r}")
+        check_kv_cache(self.kv_cache)
         if self.quality and self.quantize is None and self.kv_cache is None:
             raise InputError(f"{arg('quality')} compares an 8-bit model with the unquantized one: add "
                              f"{arg('quantize')} (and/or {arg('kv_cache')})")

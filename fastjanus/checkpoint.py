@@ -205,7 +205,7 @@ def load_state_into(model: torch.nn.Module, model_dir: str | Path, device, dtype
     quant (a QuantConfig): the folder holds 8-bit weights and their scales (the model was `quant.convert`ed);
     their dtypes are checked and kept. quantize (a QuantConfig): the folder holds float weights, and the target
     Linears' are quantized as they arrive, on the device, one tensor at a time."""
-    from .quant import SCALE_SUFFIX, quantize_weight, target_modules
+    from .quant import SCALE_SUFFIX, is_8bit, quantize_weight, target_modules
     files = find_weights(model_dir)
     qc = quant or quantize
     qweights = {m + ".weight" for m in target_modules(model.cfg, qc.heads)} if qc is not None else set()
@@ -216,7 +216,7 @@ def load_state_into(model: torch.nn.Module, model_dir: str | Path, device, dtype
     check_keys(found, expected, ignorable, str(Path(model_dir)))
     if quant is not None:
         check_quantized_dtypes(found, qweights, quant.weights, str(Path(model_dir)))
-    stray = sorted(k for k in expected if k not in qweights and found[k][1] in ("int8", "float8_e4m3fn"))
+    stray = sorted(k for k in expected if k not in qweights and is_8bit(getattr(torch, found[k][1], None)))
     if stray:  # an 8-bit tensor the config does not declare: casting it would load garbage
         raise CheckpointError(f"{model_dir}: {len(stray)} tensor(s) are 8-bit but config.json declares no such "
                               f"quantization for them: {', '.join(stray[:4])}. A folder from `fastjanus quantize` "

@@ -177,6 +177,8 @@ def cmd_understand(args) -> int:
 
 def model_info(model_dir) -> dict:
     """Architecture, parameter count, special ids and (if present) the weight files, without loading weights."""
+    import math
+
     import torch
 
     from .checkpoint import find_weights, read_shapes
@@ -217,14 +219,11 @@ def model_info(model_dir) -> dict:
         info["weights"] = None
     else:
         dtypes: dict[str, int] = {}
-        for shape, dt, _ in read_shapes(files).values():
-            dtypes[dt] = dtypes.get(dt, 0) + 1
         by_dtype: dict[str, int] = {}
         for shape, dt, _ in read_shapes(files).values():
-            n = 1
-            for x in shape:
-                n *= x
-            by_dtype[dt] = by_dtype.get(dt, 0) + n * _DTYPE_BYTES.get(dt, 0)
+            dtypes[dt] = dtypes.get(dt, 0) + 1
+            t = getattr(torch, dt, None)  # a dtype name torch lacks counts 0 bytes rather than failing `info`
+            by_dtype[dt] = by_dtype.get(dt, 0) + math.prod(shape) * (t.itemsize if isinstance(t, torch.dtype) else 0)
         info["weights"] = {"format": files.format, "files": [f.name for f in files.files],
                            "bytes": files.total_bytes, "dtypes": dtypes, "tensor_bytes_by_dtype": by_dtype}
     from .bench import roofline as rl
@@ -240,10 +239,6 @@ def model_info(model_dir) -> dict:
 
 def _size(b: float) -> str:
     return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
-
-
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
-                "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def cmd_info(args) -> int:
@@ -285,8 +280,9 @@ def cmd_info(args) -> int:
 def cmd_quantize(args) -> int:
     from .quant import check_scheme
     from .quantize import check_out_dir, check_source, quantize_checkpoint
+    from .engine.memory import weight_bytes
     check_scheme(args.weights, "weights")
-    src, _ = check_source(args.model)
+    src, cfg = check_source(args.model)
     check_out_dir(args.out)
     if args.quality:
         _check_runtime_flags(args)
@@ -298,7 +294,7 @@ def cmd_quantize(args) -> int:
     print(out)
     print(f"wrote {args.weights} weights{' + heads' if args.heads else ''} in {time.perf_counter() - t0:.1f} s: "
           f"{_size(info['weights']['bytes'])} on disk, {_size(info['loaded_bytes_bf16'])} loaded in bf16 (was "
-          f"{_size(model_info(src)['loaded_bytes_bf16'])})", file=sys.stderr)
+          f"{_size(weight_bytes(cfg, 2))})", file=sys.stderr)
     if args.quality:
         from .bench.quant_quality import format_report, measure
         rep = measure(src, args.weights, args.heads, quantized_dir=out, n_prompts=args.quality_prompts,

@@ -137,8 +137,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def is_quantized(w: torch.Tensor) -> bool:
-    return w.dtype in (torch.int8, torch.float8_e4m3fn)
+def is_8bit(dtype) -> bool:
+    """Whether a dtype is one of the schemes' storage dtypes (int8, float8_e4m3fn)."""
+    return dtype in (dt for dt, _ in SCHEMES.values())
+
+
+def check_kv_cache(kv_cache) -> None:
+    if kv_cache is not None and kv_cache not in KV_CACHE:
+        raise InputError(f"{arg('kv_cache')} must be one of {', '.join(KV_CACHE)} (or left out: the model dtype), "
+                         f"got {kv_cache!r}")
 
 
 # GPU name (torch.cuda.get_device_name) → decode-step row counts at which W8A8 beat the W8A16 kernel, measured.

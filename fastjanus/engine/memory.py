@@ -38,7 +38,7 @@ def weight_bytes(cfg: JanusConfig, elem: int, quant=None, prefixes: tuple[str, .
     import torch
 
     from ..models.janus import JanusModel
-    from ..quant import convert
+    from ..quant import convert, is_8bit
     with torch.device("meta"):
         model = JanusModel(cfg)
         if quant is not None:
@@ -46,8 +46,7 @@ def weight_bytes(cfg: JanusConfig, elem: int, quant=None, prefixes: tuple[str, .
     n = 0
     for name, t in model.state_dict().items():
         if prefixes is None or name.startswith(prefixes):
-            n += t.numel() * (t.element_size() if t.dtype in (torch.int8, torch.float8_e4m3fn) or
-                              name.endswith(".weight_scale") else elem)
+            n += t.numel() * (t.element_size() if is_8bit(t.dtype) or name.endswith(".weight_scale") else elem)
     return n
 
 

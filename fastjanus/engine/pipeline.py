@@ -16,7 +16,7 @@ from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
 from ..models.janus import JanusModel, known_unused_key
-from ..quant import KV_CACHE, QuantConfig, check_device, check_scheme, convert, set_backend
+from ..quant import QuantConfig, check_device, check_kv_cache, check_scheme, convert, set_backend
 from ..tokenizer import JanusTokenizer
 from .graphs import DecodeRuntime
 from .memory import MemoryPlan, check_plan_overrides, plan_memory
@@ -604,9 +604,7 @@ def resolve_quantization(cfg: JanusConfig, path: Path, quantize, quantize_heads,
     folder = QuantConfig.of(cfg, str(path / "config.json"))
     if not isinstance(quantize_heads, bool):
         raise InputError(f"{arg('quantize_heads')} must be True or False, got {quantize_heads!r}")
-    if kv_cache is not None and kv_cache not in KV_CACHE:
-        raise InputError(f"{arg('kv_cache')} must be one of {', '.join(KV_CACHE)} (or left out: the model dtype), "
-                         f"got {kv_cache!r}")
+    check_kv_cache(kv_cache)
     if quantize is None:
         if quantize_heads:
             raise InputError(f"{arg('quantize_heads')} applies with {arg('quantize')}; pass quantize='int8' or "
@@ -649,8 +647,8 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
     folder_quant, load_quant = resolve_quantization(cfg, path, quantize, quantize_heads, kv_cache)
-    check_device((folder_quant or load_quant).weights if (folder_quant or load_quant) else None, kv_cache, dev,
-                 backend)
+    qc = folder_quant or load_quant
+    check_device(qc.weights if qc else None, kv_cache, dev, backend)
     graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
@@ -659,8 +657,8 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
                           f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
     with torch.device("meta"):
         model = JanusModel(cfg)
-        if folder_quant or load_quant:
-            convert(model, folder_quant or load_quant)
+        if qc:
+            convert(model, qc)
     check_static_options(backend, max_rows, max_len, cfg)
     files = load_state_into(model, path, dev, dt, lambda k: known_unused_key(k, cfg), progress=progress,
                             quant=folder_quant, quantize=load_quant)
@@ -675,7 +673,7 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     if backend == "triton":
         plan = plan_memory(cfg, model.kv_dtype.itemsize, free_memory(dev), max_rows=max_rows, max_len=max_len)
     pipe = JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
-    pipe.quantization, pipe.kv_cache = folder_quant or load_quant, kv_cache
+    pipe.quantization, pipe.kv_cache = qc, kv_cache
     t1 = time.perf_counter()
     pipe.load_timings = {"load_s": t1 - t0, "warmup_s": 0.0}
     if warmup:
