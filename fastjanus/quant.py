@@ -21,9 +21,12 @@ How a quantized Linear runs (`qlinear`):
   chunk costs little next to its GEMM.
 - W8A8 (fp8 weights, sm_89+): `w8a8_linear` quantizes the activations per row (dynamic e4m3 scales) and runs
   `torch._scaled_mm`. It is used only for the (GPU, row count) pairs in `W8A8_ROWS`, filled from a GPU
-  measurement (`bench.kernels`, rows `w8a8_scaled_mm[fp8]` with winner "scaled_mm"). None has been made, so
-  the table is empty and every fp8 GEMM is weight-only. It also adds the activations' rounding (3 mantissa
-  bits) to the error: a table entry should come with `--quality` numbers.
+  measurement (`bench.kernels`, rows `w8a8_scaled_mm[fp8]` with winner "scaled_mm"). On an H100 (2026-11-23,
+  bench/results/h100-80gb-hbm3-2026-11-23-kernels.json) W8A8 lost at every decode shape measured (Pro-1B and
+  Pro-7B, 2/8/32 rows: 1.5-4.6x slower than the W8A16 kernel; the activation quantization is extra launches and
+  _scaled_mm's row-wise path is not tuned for skinny shapes), so the table is empty and every fp8 GEMM is
+  weight-only. It also adds the activations' rounding (3 mantissa bits) to the error: a table entry should
+  come with `--quality` numbers.
 
 On disk (`fastjanus quantize`): the official tensor names; `<module>.weight` holds the 8-bit tensor and
 `<module>.weight_scale` its fp32 scales [out]; config.json carries a `quantization_config` block

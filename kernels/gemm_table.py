@@ -2,8 +2,9 @@
 from measurements only.
 
 An entry goes in only from a GPU run of `python -m fastjanus.bench.kernels` (committed under bench/results/)
-whose `skinny_gemm` or `skinny_gemm+silu_mul` row at that shape has winner "triton". No GPU has measured it
-yet, so the table is empty: every shape uses cuBLAS (and, for gate/up, the separate SiLU·mul kernel).
+whose `skinny_gemm` or `skinny_gemm+silu_mul` row at that shape has winner "triton" by at least 3% (do_bench's
+run-to-run spread is about 1-2%, so a smaller margin is a tie and cuBLAS keeps it). Every other shape uses cuBLAS
+(and, for gate/up, the separate SiLU·mul kernel).
 
 Key: (GPU name as torch.cuda.get_device_name reports it, dtype name, M, N, K, epilogue) → split_k, where
 x is [M, K] and the weight [N, K]; epilogue None or "silu_mul" (N = 2·I, the fused gate/up weight).
@@ -17,7 +18,16 @@ import torch.nn.functional as F
 from .activation import silu_mul
 from .skinny_gemm import skinny_gemm
 
-TABLE: dict[tuple[str, str, int, int, int, str | None], int] = {}
+TABLE: dict[tuple[str, str, int, int, int, str | None], int] = {
+    # bench/results/h100-80gb-hbm3-2026-11-23-kernels.json (H100 80GB HBM3, bf16, torch 2.11 + cu130, Triton 3.6,
+    # triton.testing.do_bench medians). Only Janus-Pro-7B's gate/up weight [22016, 4096] won: Triton ms vs
+    # cuBLAS ms (+ the SiLU·mul kernel where fused). Pro-1B's GEMMs and every other 7B GEMM stayed on cuBLAS
+    # (the 7B QKV at 32 rows was a tie: 0.05168 vs 0.05171 ms).
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 2, 22016, 4096, None): 1,  # 0.0770 vs 0.0795
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 8, 22016, 4096, None): 1,  # 0.0769 vs 0.0810
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 2, 22016, 4096, "silu_mul"): 2,  # 0.0779 vs 0.0836
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 8, 22016, 4096, "silu_mul"): 2,  # 0.0781 vs 0.0839
+}
 
 
 def lookup(x: torch.Tensor, w: torch.Tensor, epilogue: str | None) -> int | None:

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import requires_interpreter
 from fastjanus.bench import kernels as kb
 
 
@@ -40,6 +41,7 @@ def test_refuses_without_cuda(capsys):
     assert "need a CUDA device" in capsys.readouterr().err
 
 
+@requires_interpreter
 def test_dry_run_covers_every_kernel(tmp_path):
     # a child process: the interpreter must be on before Triton's first import, and no GPU may be touched
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
@@ -73,3 +75,25 @@ def test_dry_run_covers_every_kernel(tmp_path):
         assert w8[0]["bytes"] == 128 * 64 + 128 * 4 + (2 * 64 + 2 * 128) * 2
         assert w8[-1]["bytes"] == 256 * 64 + 256 * 4 + (2 * 64 + 2 * 128) * 2
     assert "DRY RUN" in p.stdout and all(f"\n{n} " in p.stdout for n in names)
+
+
+def test_gemm_table_entries_come_from_committed_measurements():
+    # every Triton entry of kernels/gemm_table.py must be a committed GPU run's skinny GEMM row won by >= 3%
+    # at that split_k; nothing in the table may be a guess
+    from pathlib import Path
+
+    from fastjanus.kernels.gemm_table import TABLE
+    rows = {}
+    for f in sorted((Path(__file__).parent.parent / "bench" / "results").glob("*-kernels.json")):
+        rep = json.loads(f.read_text())
+        if rep.get("dry_run") or "results" not in rep:  # a dry run, or a pass report (pass-tests-kernels.json)
+            continue
+        for r in rep["results"]:
+            if r["kernel"] in ("skinny_gemm", "skinny_gemm+silu_mul"):
+                epi = "silu_mul" if r["kernel"].endswith("silu_mul") else None
+                key = (rep["device"], rep["dtype"], r["shape"]["rows"], r["shape"]["n"], r["shape"]["k"], epi)
+                rows[key] = r
+    for key, split_k in TABLE.items():
+        assert key in rows, f"{key}: no committed measurement"
+        r = rows[key]
+        assert r["winner"] == "triton" and r["split_k"] == split_k and r["ms"] <= 0.97 * r["torch_ms"], (key, r)

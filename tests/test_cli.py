@@ -280,11 +280,13 @@ def test_bench_checks_its_flags_before_writing_a_checkpoint(tmp_path, monkeypatc
 
 def test_bench_errors_name_the_bench_flags(tiny_dir, capsys):
     # a 2-row x 120-slot plan cannot hold the tiny model's understanding prompt (~210 tokens) plus 100 new ones
-    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--backend", "triton", "--max-rows", "2",
+    # the triton backend on the device the suite's kernels use (on a GPU machine the interpreter is off)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert main(["bench", "--model", str(tiny_dir), "--device", dev, "--backend", "triton", "--max-rows", "2",
                  "--max-len", "120", "--scenario", "understand", "--text-tokens", "100", "--baselines", "none",
                  "--repeats", "1", "--warmup", "0", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "lower --text-tokens to" in err and "max_new_tokens" not in err and "--max-new-tokens" not in err
-    assert main(["bench", "--model", str(tiny_dir), "--device", "cpu", "--backend", "triton", "--max-len", "30",
+    assert main(["bench", "--model", str(tiny_dir), "--device", dev, "--backend", "triton", "--max-len", "30",
                  "--quiet"]) == 2
     assert "--max-len 30 holds no image" in capsys.readouterr().err
