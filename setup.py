@@ -16,6 +16,9 @@ setup(
     extras_require={
         # transformers is a test oracle only (parity tests), never imported by the runtime.
         "test": ["pytest", "transformers>=5.0"],
+        # ONNX export (fastjanus export-onnx) and the ONNX Runtime runner; on a CUDA host install onnxruntime-gpu
+        # in place of onnxruntime for its CUDA and TensorRT providers.
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
     entry_points={"console_scripts": ["fastjanus=fastjanus.cli:main"]},
 )

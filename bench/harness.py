@@ -34,6 +34,7 @@ from .roofline import sync as _sync
 SCENARIOS = ("t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand")
 BASELINES = ("torch-eager", "transformers")
 ARCHES = ("tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b")
+ENGINES = ("torch", "onnx")
 
 _WORDS = ("red fox cabin lake mountain astronaut city night neon forest river castle cat dog portrait oil "
           "painting watercolor sunset snow desert ocean robot garden library tower bridge market train "
@@ -67,6 +68,7 @@ class BenchConfig:
     kv_cache: str | None = None  # "fp8": an e4m3 KV cache
     quality: bool = False  # also measure the 8-bit model's error against the unquantized one (bench/quant_quality)
     quality_prompts: int = 32
+    engine: str = "torch"  # "onnx": also time SigLIP and the VQ decoder on ONNX Runtime (rows siglip[onnx] ...)
 
     def __post_init__(self):
         if (self.arch is None) == (self.model is None):
@@ -84,6 +86,11 @@ class BenchConfig:
                                  "(or none)")
         if not self.scenarios:
             raise InputError("no scenario selected")
+        if self.engine not in ENGINES:
+            raise InputError(f"{arg('engine')} must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "onnx" and not {"siglip", "vq-decode"} & set(self.scenarios):
+            raise InputError(f"{arg('engine')} onnx times SigLIP and the VQ decoder: select the siglip or "
+                             "vq-decode scenario (or all)")
         if self.quantize is not None:
             check_scheme(self.quantize)
         check_kv_cache(self.kv_cache)
@@ -348,6 +355,27 @@ def step_kernels(pipe) -> dict | str:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
+def _onnx_engine(path: Path, dtype: torch.dtype, log):
+    """Export SigLIP and the VQ decoder of `path` into a scratch folder and open them on ONNX Runtime (providers
+    "auto"). fp16 graphs for a 16-bit run, fp32 otherwise. Returns (OrtVision, what the report records)."""
+    import tempfile
+
+    from ..export.onnx_export import export_onnx
+    from ..export.ort_runtime import OrtVision
+    onnx_dtype = "fp32" if dtype == torch.float32 else "fp16"
+    tmp = tempfile.mkdtemp(prefix="fastjanus-bench-onnx-")
+    t0 = time.perf_counter()
+    m = export_onnx(path, tmp, parts="vision,vq-decoder", dtype=onnx_dtype, progress=lambda s: None)
+    ov = OrtVision(tmp, "auto")
+    import onnxruntime
+    info = {"onnxruntime": onnxruntime.__version__, "available_providers": onnxruntime.get_available_providers(),
+            "providers": ov.providers, "dtype": m["dtype"], "opset": m["opset"],
+            "export_s": round(time.perf_counter() - t0, 1), "folder": tmp}
+    log(f"ONNX Runtime {info['onnxruntime']}: SigLIP and the VQ decoder exported ({m['dtype']}) and opened on "
+        f"{ov.provider} in {info['export_s']} s")
+    return ov, info
+
+
 def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_update=None) -> dict:
     """Every scenario, then the baselines; returns the report. on_update(report) gets the report so far after
     each scenario and each baseline (`partial: true`), so that a run stopped from outside still leaves one."""
@@ -368,6 +396,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}) in {pipe.load_timings['load_s']:.1f} s, "
         f"warm-up (capture) {pipe.load_timings['warmup_s']:.1f} s")
     kernels: dict | str = "not counted yet (counted after the scenarios, off the clock)"
+    ort_vision, onnx_info = None, None
+    if cfg.engine == "onnx":
+        ort_vision, onnx_info = _onnx_engine(path, dtype, log)
     jc = pipe.cfg
     model, plan = pipe.model, pipe.memory_plan
     load_timings = dict(pipe.load_timings)
@@ -413,6 +444,7 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             "step_kernels": kernels,
             "quantization": quantization,
             "quality": quality,
+            "onnx": onnx_info,
             "shapes": {"hidden": L.hidden_size, "layers": L.num_hidden_layers, "heads": L.num_attention_heads,
                        "kv_heads": L.num_key_value_heads, "intermediate": L.intermediate_size,
                        "image_tokens": jc.num_image_tokens, "codebook": jc.vq.codebook_size,
@@ -465,8 +497,9 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         scenarios.append(sc)
         pending.append((sc, "t2i"))
 
-    def compute_bound(name: str, make_input, fn) -> None:
-        """One image through fn (SigLIP or the VQ decoder), against the measured matmul throughput."""
+    def compute_bound(name: str, make_input, fn, flops: int | None = None) -> int:
+        """One image through fn (SigLIP or the VQ decoder), against the measured matmul throughput. flops: the
+        count of the same work (the ONNX rows reuse the torch module's); returns it."""
         _reset_peak(device)
 
         def once(i):
@@ -479,12 +512,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             return {"s": time.perf_counter() - s, "x": x}
         rows = runner.repeat(name, once, cfg.repeats)
         peak = _peak(device)
-        with torch.inference_mode():
-            flops = rl.count_flops(lambda: fn(rows[0]["x"]))
+        if flops is None:
+            with torch.inference_mode():
+                flops = rl.count_flops(lambda: fn(rows[0]["x"]))
         sc = _scenario(name, 1, [r["s"] for r in rows], peak_mem_bytes=peak, flops=flops)
         sc["tflops"] = flops / sc["median_s"] / 1e12
         sc["roofline_fraction"] = sc["tflops"] / tflops
+        if ort_vision is not None and name.endswith("[onnx]"):
+            sc["engine"] = {"name": "onnxruntime", "providers": ort_vision.providers, "dtype": ort_vision.dtype}
         scenarios.append(sc)
+        return flops
 
     def scenario(name: str) -> None:
         if name in ("t2i-1", "t2i-16"):
@@ -494,12 +531,16 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             t2i("throughput", n, throughput=True, why=why)
         elif name == "siglip":
             proc, size = pipe.tokenizer.processor, jc.vision.image_size
-            compute_bound("siglip", lambda i: preprocess(random_image(random.Random(cfg.seed + 31 * i), size),
-                                                         proc)[None].to(device, dtype), pipe.model.encode_images)
+            pixels = (lambda i: preprocess(random_image(random.Random(cfg.seed + 31 * i), size), proc)[None])
+            flops = compute_bound("siglip", lambda i: pixels(i).to(device, dtype), pipe.model.encode_images)
+            if ort_vision is not None:  # the same images, as the float32 numpy array the graph takes
+                compute_bound("siglip[onnx]", lambda i: pixels(i).numpy(), ort_vision.encode, flops)
         elif name == "vq-decode":
-            compute_bound("vq-decode", lambda i: torch.randint(0, jc.vq.codebook_size, (1, jc.num_image_tokens),
-                                                               generator=torch.Generator().manual_seed(i + 99)),
-                          pipe.decode_image_pixels)
+            codes = (lambda i: torch.randint(0, jc.vq.codebook_size, (1, jc.num_image_tokens),
+                                             generator=torch.Generator().manual_seed(i + 99)))
+            flops = compute_bound("vq-decode", codes, pipe.decode_image_pixels)
+            if ort_vision is not None:  # pixels and the uint8 images, both outputs of the graph
+                compute_bound("vq-decode[onnx]", lambda i: codes(i).numpy(), ort_vision.decode, flops)
         elif name == "understand":
             _reset_peak(device)
             n = cfg.text_tokens
@@ -704,7 +745,8 @@ def main(args) -> int:
                       progress=not args.quiet, time_limit=getattr(args, "time_limit", None),
                       max_rows=getattr(args, "max_rows", None), max_len=getattr(args, "max_len", None),
                       quantize=getattr(args, "quantize", None), quantize_heads=getattr(args, "quantize_heads", False),
-                      kv_cache=getattr(args, "kv_cache", None), quality=getattr(args, "quality", False))
+                      kv_cache=getattr(args, "kv_cache", None), quality=getattr(args, "quality", False),
+                      engine=getattr(args, "engine", "torch"))
     for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring
         if p:
             if Path(p).is_dir():

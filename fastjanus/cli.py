@@ -65,12 +65,14 @@ def _load(args, path: Path):
     t0 = time.perf_counter()
     pipe = load(path, device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
                 cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len,
-                quantize=args.quantize, quantize_heads=args.quantize_heads, kv_cache=args.kv_cache)
+                quantize=args.quantize, quantize_heads=args.quantize_heads, kv_cache=args.kv_cache,
+                onnx_dir=args.onnx_dir)
     q = pipe.quantization
     print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
           f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}"
           + (f", {q.weights} weights{' + heads' if q.heads else ''}" if q else "")
-          + (f", {pipe.kv_cache} KV cache" if pipe.kv_cache else "") + ") "
+          + (f", {pipe.kv_cache} KV cache" if pipe.kv_cache else "")
+          + (f", SigLIP and VQ decoder on ONNX Runtime ({pipe.onnx.provider})" if pipe.onnx else "") + ") "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
@@ -121,11 +123,56 @@ def save_images(images, out: Path, seed: int) -> list[Path]:
     return paths
 
 
+def _generate_onnx(args) -> int:
+    """--engine onnx: the whole generation on ONNX Runtime (the LLM graphs, then the VQ decoder graph); only the
+    tokenizer runs in Python. Nothing of the checkpoint but its config and tokenizer files is read."""
+    from .engine.pipeline import image_token_rows
+    torch_only = [f for f, v in (("--device", args.device), ("--dtype", args.dtype), ("--backend", args.backend),
+                                 ("--max-rows", args.max_rows), ("--max-len", args.max_len),
+                                 ("--kv-cache", args.kv_cache), ("--top-p", args.top_p),
+                                 ("--quantize-heads", args.quantize_heads), ("--cuda-graphs",
+                                                                             args.cuda_graphs != "auto")) if v]
+    if torch_only:
+        raise InputError(f"{', '.join(torch_only)}: not used by --engine onnx (the graphs fix the dtype; ONNX Runtime "
+                         "picks the provider); drop them, or use --engine torch")
+    if args.quantize not in (None, "int8"):
+        raise InputError(f"--quantize {args.quantize}: --engine onnx has int8 graphs only "
+                         "(export-onnx --quantize int8)")
+    if not args.onnx_dir:
+        raise InputError("--engine onnx needs --onnx-dir DIR, written by `fastjanus export-onnx --model MODEL "
+                         "--out DIR --parts all`")
+    out = prepare_out_dir(args.out)
+    path = _model_arg(args)
+    cfg, tk = _model_files(path)
+    rows = image_token_rows(tk, cfg, args.prompt, args.num_images)
+    seed = _seed(args, matters=args.temperature > 0)
+    from .export.onnx_export import model_fingerprint
+    from .export.onnx_llm import OrtImageGenerator
+    from .export.ort_runtime import OrtVision
+    t0 = time.perf_counter()
+    vision = OrtVision(args.onnx_dir, fingerprint=model_fingerprint(path))
+    gen = OrtImageGenerator(args.onnx_dir, int8=args.quantize == "int8")
+    t1 = time.perf_counter()
+    codes = gen.generate(rows, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k, seed=seed)
+    t2 = time.perf_counter()
+    from PIL import Image
+    images = [Image.fromarray(a) for a in vision.decode(codes)[1]]
+    t3 = time.perf_counter()
+    for p in save_images(images, out, seed):
+        print(p)
+    print(f"{len(images)} image(s) on ONNX Runtime: sessions {t1 - t0:.2f} s, tokens {t2 - t1:.2f} s "
+          f"({gen.provider}{', int8 LLM' if args.quantize else ''}), VQ decode {t3 - t2:.2f} s "
+          f"({vision.provider}), seed {seed}", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .engine.pipeline import check_count, check_sampling, check_seed, image_token_rows
     check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
     check_count("num_images", args.num_images)
     check_seed(args.seed)
+    if args.engine == "onnx":
+        return _generate_onnx(args)
     _check_runtime_flags(args)
     out = prepare_out_dir(args.out)
     path = _model_arg(args)
@@ -277,6 +324,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from .export.onnx_export import MANIFEST, export_onnx
+    m = export_onnx(args.model, args.out, args.parts, args.dtype, args.opset,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True), quantize=args.quantize)
+    total = sum(e["bytes"] for e in m["parts"].values())
+    print(f"{len(m['parts'])} graph(s), {total / 2 ** 20:.1f} MiB, manifest: {Path(args.out) / MANIFEST}",
+          file=sys.stderr)
+    print(Path(args.out) / MANIFEST)
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .quant import check_scheme
     from .quantize import check_out_dir, check_source, quantize_checkpoint
@@ -369,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-len", type=int, default=None,
                         help="memory plan: KV slots per row (default: 576 image tokens + 512 for the prompt)")
         quant_flags(sp)
+        sp.add_argument("--onnx-dir", default=None, metavar="DIR",
+                        help="run SigLIP and the VQ decoder on ONNX Runtime from a `fastjanus export-onnx` folder of "
+                             "this checkpoint (provider: TensorRT, CUDA, then CPU, whichever is installed)")
 
     def quant_flags(sp):
         sp.add_argument("--quantize", choices=["int8", "fp8"], default=None,
@@ -389,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
     g.add_argument("--out", default="out", help="output folder, created when missing")
+    g.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the whole generation on ONNX Runtime from --onnx-dir (exported with --parts all; "
+                        "--quantize int8 takes its int8 graphs); the tokenizer stays in Python")
     g.set_defaults(fn=cmd_generate)
 
     u = sub.add_parser("understand", help="answer a question about an image", formatter_class=_Help,
@@ -424,6 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", choices=["triton", "torch"], default=None, help="for --quality")
     q.set_defaults(fn=cmd_quantize, cuda_graphs="off", max_rows=None, max_len=None)
 
+    x = sub.add_parser("export-onnx", help="export the SigLIP encoder and the VQ decoder to ONNX",
+                       formatter_class=_Help,
+                       description="Write vision_encoder.onnx (pixel_values → image_embeds), vq_decoder.onnx (codes → "
+                                   "pixels and uint8 images) and manifest.json, with a dynamic batch axis; checked "
+                                   "with onnx.checker and shape inference. --parts all adds the LLM graphs of image "
+                                   "generation.")
+    x.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (official hub layout)")
+    x.add_argument("--out", required=True, metavar="DIR", help="output folder, created when missing")
+    x.add_argument("--parts", default="vision,vq-decoder", help="comma-separated: vision, vq-decoder; or all")
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations of the graphs")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or higher: SigLIP's LayerNormalization)")
+    x.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --parts all: also int8 LLM graphs (ONNX Runtime's dynamic quantization), their size "
+                        "and first-step logit error reported")
+    x.set_defaults(fn=cmd_export_onnx)
+
     b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines",
                        formatter_class=_Help)
     src = b.add_mutually_exclusive_group()
@@ -447,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scenario", action="append",
                    choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
                    help="repeat to pick several (default: all)")
+    b.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: also export SigLIP and the VQ decoder and time them on ONNX Runtime (rows "
+                        "siglip[onnx], vq-decode[onnx] beside the torch ones)")
     b.add_argument("--baselines", default="torch-eager,transformers",
                    help="comma-separated: torch-eager, transformers, or none")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per scenario")

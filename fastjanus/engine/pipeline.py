@@ -8,7 +8,9 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
@@ -233,6 +235,7 @@ class JanusPipeline:
         self.backend, self.cuda_graphs, self.memory_plan = backend, cuda_graphs, memory_plan
         self.quantization: QuantConfig | None = None  # 8-bit weights (set by load)
         self.kv_cache: str | None = None  # "fp8": an e4m3 KV cache
+        self.onnx = None  # an export.ort_runtime.OrtVision: SigLIP and the VQ decoder on ONNX Runtime (set by load)
         self._timings = threading.local()  # last_timings: per thread, so that each sees its own request's
         self.load_timings: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -423,13 +426,23 @@ class JanusPipeline:
             batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
         check_count("batch_size", batch_size)
         codes = self._check_codes(codes).to(self.device)
+        if self.onnx is not None:
+            return torch.cat([torch.from_numpy(self.onnx.decode(c.cpu().numpy())[0]) for c in codes.split(batch_size)]
+                             ).to(self.device, self.dtype)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
 
     @_serialised
     def decode_image_tokens(self, codes, batch_size: int | None = None):
         t0 = time.perf_counter()
-        images = to_pil(self.decode_image_pixels(codes, batch_size))
+        if self.onnx is not None:  # the graph's own uint8 output (the same conversion as to_pil, in the graph)
+            if batch_size is None:
+                batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
+            check_count("batch_size", batch_size)
+            arr = [self.onnx.decode(c.cpu().numpy())[1] for c in self._check_codes(codes).split(batch_size)]
+            images = [Image.fromarray(a) for a in np.concatenate(arr)]
+        else:
+            images = to_pil(self.decode_image_pixels(codes, batch_size))
         self.last_timings["vq_decode_s"] = time.perf_counter() - t0
         return images
 
@@ -454,16 +467,21 @@ class JanusPipeline:
     def _pixels(self, image) -> torch.Tensor:
         return preprocess(image, self.tokenizer.processor)[None].to(self.device, self.dtype)
 
+    def _image_embeds(self, image) -> torch.Tensor:  # → [1, n_img, D]: SigLIP + aligner, in torch or on ORT
+        if self.onnx is not None:
+            x = preprocess(image, self.tokenizer.processor)[None].numpy()  # float32, as the graph takes it
+            return torch.from_numpy(self.onnx.encode(x)).to(self.device, self.dtype)
+        return self.model.encode_images(self._pixels(image))
+
     @_serialised
     @torch.inference_mode()
     def encode_image(self, image) -> torch.Tensor:
         """Aligned image embeddings [576, D] (what replaces the image placeholders in the LLM input)."""
-        return self.model.encode_images(self._pixels(image))[0]
+        return self._image_embeds(image)[0]
 
     def _understanding_inputs(self, image, question: str, max_new_tokens: int):
         ids = question_ids(self.tokenizer, self.cfg, question, max_new_tokens)
-        img = self.model.encode_images(self._pixels(image))  # [1, n_img, D]
-        return ids, img
+        return ids, self._image_embeds(image)  # [1, n_img, D]
 
     @_serialised
     @torch.inference_mode()
@@ -620,7 +638,7 @@ def resolve_quantization(cfg: JanusConfig, path: Path, quantize, quantize_heads,
 def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None,
          cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None,
          warmup: bool = False, quantize: str | None = None, quantize_heads: bool = False,
-         kv_cache: str | None = None) -> JanusPipeline:
+         kv_cache: str | None = None, onnx_dir=None, onnx_providers="auto") -> JanusPipeline:
     """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
 
     backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
@@ -637,6 +655,10 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     lm_head too). kv_cache="fp8": an e4m3 KV cache with per-layer, per-head scales bounded from the weights.
     FP8 needs sm_89+ with the triton backend on a GPU.
 
+    onnx_dir: a folder written by `fastjanus export-onnx` from this checkpoint; encode_image, answer and
+    decode_image_tokens then run SigLIP and the VQ decoder on ONNX Runtime (onnx_providers: "auto" takes
+    TensorRT, CUDA, then CPU, whichever onnxruntime offers; `pipe.onnx.providers` says what each took).
+
     The pipeline serialises its requests (a lock) and frees its device memory on close(), at the end of a
     `with` block, or when the last reference to it goes."""
     if not isinstance(warmup, bool):
@@ -649,6 +671,11 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     folder_quant, load_quant = resolve_quantization(cfg, path, quantize, quantize_heads, kv_cache)
     qc = folder_quant or load_quant
     check_device(qc.weights if qc else None, kv_cache, dev, backend)
+    ort_vision = None
+    if onnx_dir is not None:  # checked (and its sessions made) before the weights load
+        from ..export.onnx_export import model_fingerprint
+        from ..export.ort_runtime import OrtVision
+        ort_vision = OrtVision(onnx_dir, onnx_providers, fingerprint=model_fingerprint(path))
     graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
@@ -673,7 +700,7 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     if backend == "triton":
         plan = plan_memory(cfg, model.kv_dtype.itemsize, free_memory(dev), max_rows=max_rows, max_len=max_len)
     pipe = JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
-    pipe.quantization, pipe.kv_cache = qc, kv_cache
+    pipe.quantization, pipe.kv_cache, pipe.onnx = qc, kv_cache, ort_vision
     t1 = time.perf_counter()
     pipe.load_timings = {"load_s": t1 - t0, "warmup_s": 0.0}
     if warmup:

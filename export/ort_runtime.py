@@ -1,0 +1,110 @@
+"""Running the exported vision graphs on ONNX Runtime: `OrtVision(dir, providers="auto")`.
+
+`fastjanus.load(path, onnx_dir=DIR)` hands one to the pipeline, whose encode_image, answer and
+decode_image_tokens then run SigLIP and the VQ decoder here. The folder is checked before anything loads: its
+manifest, the files it names, and that it was exported from this checkpoint (a fingerprint of the
+checkpoint's config and weight files).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, path_of
+from .onnx_export import FILES, FORMAT, MANIFEST, VISION, VQ
+from .onnx_io import require
+
+# "auto" takes the first of these that the installed onnxruntime offers: TensorRT, then CUDA, then the CPU.
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(providers="auto") -> list[str]:
+    """"auto", one provider name, or a list of them (each must be available), → the list ORT is given."""
+    ort = require("onnxruntime")
+    avail = ort.get_available_providers()
+    if providers == "auto":
+        return [p for p in PROVIDER_ORDER if p in avail] or avail
+    asked = [providers] if isinstance(providers, str) else list(providers)
+    missing = [p for p in asked if p not in avail]
+    if missing or not asked:
+        raise InputError(f"ONNX Runtime provider {', '.join(missing) or '(none given)'} is not available in this "
+                         f"onnxruntime (it has {', '.join(avail)}); use providers='auto'"
+                         + ("; for CUDA install onnxruntime-gpu" if any("CUDA" in p or "Tensorrt" in p
+                                                                         for p in missing) else ""))
+    return asked
+
+
+def read_manifest(onnx_dir, fingerprint: str | None = None) -> tuple[Path, dict]:
+    """The export folder's manifest, checked: present, of this format, its files present, and (given a
+    fingerprint) exported from that checkpoint."""
+    d = Path(onnx_dir)
+    if not d.is_dir():
+        raise InputError(f"{path_of('onnx_dir', d)}: no such folder; write one with `fastjanus export-onnx --model "
+                         "MODEL --out DIR`")
+    mp = d / MANIFEST
+    if not mp.is_file():
+        raise InputError(f"{path_of('onnx_dir', d)}: no {MANIFEST} (not an export, or one that did not finish); "
+                         "export again with `fastjanus export-onnx`")
+    try:
+        m = json.loads(mp.read_text(encoding="utf-8"))
+        ok = isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("parts"), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise InputError(f"{mp}: not a fastjanus ONNX manifest; export again with `fastjanus export-onnx`")
+    for part, e in m["parts"].items():
+        for name in [e.get("file")] + ([e["external_data"]] if e.get("external_data") else []):
+            if not name or not (d / name).is_file():
+                raise InputError(f"{d / str(name)}: missing ({part} in {MANIFEST}); export again with "
+                                 "`fastjanus export-onnx`")
+    if fingerprint is not None and m.get("model", {}).get("fingerprint") != fingerprint:
+        raise InputError(f"{path_of('onnx_dir', d)}: exported from another model ({m.get('model', {}).get('path')}), "
+                         "not this checkpoint; export this one with `fastjanus export-onnx --model MODEL --out DIR`")
+    return d, m
+
+
+class OrtVision:
+    """SigLIP (+ aligner) and the VQ decoder on ONNX Runtime. numpy in, numpy out.
+
+    providers: "auto" (TensorRT, CUDA, then CPU: whichever the installed onnxruntime offers), a name or a list.
+    `.providers[part]` says what each session took (ORT falls back to the CPU where a provider cannot start)."""
+
+    def __init__(self, onnx_dir, providers="auto", *, fingerprint: str | None = None, threads: int | None = None):
+        ort = require("onnxruntime")
+        self.dir, self.manifest = read_manifest(onnx_dir, fingerprint)
+        chosen = choose_providers(providers)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions, self.providers = {}, {}
+        for part in (VISION, VQ):
+            if part in self.manifest["parts"]:
+                s = ort.InferenceSession(str(self.dir / self.manifest["parts"][part]["file"]), opts, providers=chosen)
+                self.sessions[part], self.providers[part] = s, s.get_providers()[0]
+
+    @property
+    def provider(self) -> str:
+        """The provider the sessions run on (the first one each took; they agree unless one fell back)."""
+        return ", ".join(sorted(set(self.providers.values())))
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    def _session(self, part: str):
+        if part not in self.sessions:
+            raise InputError(f"{self.dir}: {FILES[part]} was not exported; export with --parts vision,vq-decoder")
+        return self.sessions[part]
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, S, S] (the processor's output) → image_embeds [N, n, D] (the export dtype)."""
+        return self._session(VISION).run(["image_embeds"], {"pixel_values": np.ascontiguousarray(
+            pixel_values, dtype=np.float32)})[0]
+
+    def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """codes int64 [N, g·g] → (pixels [N, 3, S, S], images uint8 [N, S, S, 3])."""
+        pixels, images = self._session(VQ).run(["pixels", "images"], {"codes": np.ascontiguousarray(
+            codes, dtype=np.int64)})
+        return pixels, images
