@@ -91,6 +91,10 @@ class BenchConfig:
         if self.engine == "onnx" and not {"siglip", "vq-decode"} & set(self.scenarios):
             raise InputError(f"{arg('engine')} onnx times SigLIP and the VQ decoder: select the siglip or "
                              "vq-decode scenario (or all)")
+        if self.engine == "onnx":  # before the checkpoint is written or loaded
+            from ..export.onnx_io import require
+            require("onnx")
+            require("onnxruntime")
         if self.quantize is not None:
             check_scheme(self.quantize)
         check_kv_cache(self.kv_cache)
@@ -357,20 +361,24 @@ def step_kernels(pipe) -> dict | str:
 
 def _onnx_engine(path: Path, dtype: torch.dtype, log):
     """Export SigLIP and the VQ decoder of `path` into a scratch folder and open them on ONNX Runtime (providers
-    "auto"). fp16 graphs for a 16-bit run, fp32 otherwise. Returns (OrtVision, what the report records)."""
+    "auto"). fp16 graphs for a 16-bit run on a GPU provider, fp32 on the CPU provider (its fp16 kernels are few).
+    The sessions hold the graphs in memory, so the folder is removed at once. Returns (OrtVision, what the
+    report records)."""
     import tempfile
 
-    from ..export.onnx_export import export_onnx
-    from ..export.ort_runtime import OrtVision
-    onnx_dtype = "fp32" if dtype == torch.float32 else "fp16"
-    tmp = tempfile.mkdtemp(prefix="fastjanus-bench-onnx-")
-    t0 = time.perf_counter()
-    m = export_onnx(path, tmp, parts="vision,vq-decoder", dtype=onnx_dtype, progress=lambda s: None)
-    ov = OrtVision(tmp, "auto")
     import onnxruntime
+
+    from ..export.onnx_export import export_onnx
+    from ..export.ort_runtime import OrtVision, choose_providers
+    first = choose_providers("auto")[0]
+    onnx_dtype = "fp32" if dtype == torch.float32 or first == "CPUExecutionProvider" else "fp16"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fastjanus-bench-onnx-") as tmp:
+        m = export_onnx(path, tmp, parts="vision,vq-decoder", dtype=onnx_dtype, progress=lambda s: None)
+        ov = OrtVision(tmp, "auto")
     info = {"onnxruntime": onnxruntime.__version__, "available_providers": onnxruntime.get_available_providers(),
             "providers": ov.providers, "dtype": m["dtype"], "opset": m["opset"],
-            "export_s": round(time.perf_counter() - t0, 1), "folder": tmp}
+            "export_s": round(time.perf_counter() - t0, 1)}
     log(f"ONNX Runtime {info['onnxruntime']}: SigLIP and the VQ decoder exported ({m['dtype']}) and opened on "
         f"{ov.provider} in {info['export_s']} s")
     return ov, info
@@ -520,6 +528,10 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         sc["roofline_fraction"] = sc["tflops"] / tflops
         if ort_vision is not None and name.endswith("[onnx]"):
             sc["engine"] = {"name": "onnxruntime", "providers": ort_vision.providers, "dtype": ort_vision.dtype}
+            sc["peak_mem_bytes"] = None  # torch's allocator does not see ONNX Runtime's memory
+            on_cpu = all(p == "CPUExecutionProvider" for p in ort_vision.providers.values())
+            if on_cpu != (device.type == "cpu"):  # the matmul roof was measured on the other device
+                sc["roofline_fraction"] = None
         scenarios.append(sc)
         return flops
 

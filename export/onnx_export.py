@@ -65,19 +65,30 @@ class VQDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ identity of a model
+FINGERPRINT_WINDOWS = 64  # windows of 64 KiB sampled evenly across each weight file (4 MiB read per file)
+
+
+def config_digest(model_dir: Path) -> str:
+    return "sha256:" + hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
+
+
 def model_fingerprint(model_dir: Path) -> str:
-    """A cheap content fingerprint of a checkpoint folder: config.json, and each weight file's name, size and
-    first and last MiB. Two checkpoints of the same architecture (a fine-tune, another random seed) differ."""
+    """A content sample of a checkpoint folder, cheap enough to check at every load: config.json, and each
+    weight file's name, size, header (the first MiB: tensor names, shapes, offsets) and 64 windows of 64 KiB
+    spread evenly over the rest. Another seed, another size or a retrained model differ; a checkpoint that
+    differs only between the sampled windows (a few tensors of a large file) would not be told apart: this is
+    a guard against mixing up folders, not a hash of every byte."""
     from ..checkpoint import find_weights
+    model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
     for f in find_weights(model_dir).files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(2 ** 20))
-            if size > 2 ** 21:
-                fh.seek(-2 ** 20, os.SEEK_END)
-                h.update(fh.read())
+            for i in range(FINGERPRINT_WINDOWS):
+                fh.seek(2 ** 20 + (size - 2 ** 20) * i // FINGERPRINT_WINDOWS)
+                h.update(fh.read(2 ** 16))
     return "sha256:" + h.hexdigest()
 
 
@@ -91,19 +102,27 @@ def model_summary(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------ checks
 def parse_parts(parts) -> list[str]:
-    """"vision,vq-decoder", a list, or "all" (every part, the LLM graphs too)."""
+    """"vision,vq-decoder", a list, "llm" (the LLM graphs of image generation), or "all" (every part)."""
     if parts is None:
         return list(PARTS)
     items = parts.split(",") if isinstance(parts, str) else list(parts)
     items = [p.strip() for p in items if p.strip()]
-    if items == ["all"]:
-        return list(PARTS) + list(LLM_PARTS)
     known = PARTS + LLM_PARTS
+    if items == ["all"]:
+        return list(known)
     bad = [p for p in items if p not in known]
     if bad or not items:
-        raise InputError(f"--parts: unknown part {', '.join(map(repr, bad)) or '(none given)'}; choose from "
-                         f"{', '.join(PARTS)} (comma-separated) or all")
+        what = ("'all' stands alone (it is every part)" if "all" in bad else
+                f"unknown part {', '.join(map(repr, bad)) or '(none given)'}")
+        raise InputError(f"--parts: {what}; choose from {', '.join(known)} (comma-separated) or all")
     return [p for p in known if p in items]
+
+
+def _stale_files(out: Path) -> list[Path]:
+    """Every file an export writes, so that a new export never leaves an older one's graphs beside its own."""
+    from .onnx_llm import PARTS as LLM_GRAPHS, SETTINGS, graph_file
+    names = list(FILES.values()) + [graph_file(p, i) for p in LLM_GRAPHS for i in (False, True)]
+    return [out / MANIFEST] + [out / n for n in names] + [out / (n + ".data") for n in names] + [out / SETTINGS]
 
 
 def check_out_dir(out) -> Path:
@@ -156,8 +175,16 @@ def export_onnx(model_dir, out, parts=None, dtype: str = "fp32", opset: int = DE
     if quantize and ("llm" not in parts or dtype != "fp32"):
         raise InputError("--quantize int8 applies to the LLM graphs exported in fp32: add --parts all and keep "
                          "--dtype fp32")
+    if quantize:
+        require("onnxruntime")  # its quantization tools, before anything is exported
     model_dir = check_model_dir(model_dir)
     cfg = JanusConfig.from_file(model_dir)
+    if "llm" in parts:
+        from ..quant import QuantConfig
+        if QuantConfig.of(cfg, str(model_dir / "config.json")) is not None:
+            raise InputError(f"{path_of('model', model_dir)}: holds 8-bit weights (fastjanus quantize); the LLM "
+                             "graphs are exported from the float checkpoint (and --quantize int8 makes their int8 "
+                             "variant with ONNX Runtime's own kernels)")
     proc = JanusTokenizer(model_dir, cfg.language.vocab_size).processor  # checks the processor files too
     out = check_out_dir(out)
     fingerprint = model_fingerprint(model_dir)
@@ -166,7 +193,7 @@ def export_onnx(model_dir, out, parts=None, dtype: str = "fp32", opset: int = DE
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": {"path": str(model_dir.resolve()), "name": model_dir.resolve().name, "fingerprint": fingerprint,
-                  "architecture": model_summary(cfg)},
+                  "config_sha256": config_digest(model_dir), "architecture": model_summary(cfg)},
         "dtype": {"fp32": "float32", "fp16": "float16"}[dtype], "opset": opset,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "preprocessing": {"image_size": proc.image_size, "min_size": proc.min_size,
@@ -179,7 +206,8 @@ def export_onnx(model_dir, out, parts=None, dtype: str = "fp32", opset: int = DE
         "parts": {},
     }
     mp = out / MANIFEST
-    mp.unlink(missing_ok=True)  # a half-written export must not look complete
+    for f in _stale_files(out):  # the manifest first of all: a half-written export must not look complete
+        f.unlink(missing_ok=True)
     prefixes = {VISION: ("vision_model.", "aligner."), VQ: ("gen_vision_model.",)}
     for part in parts:
         t0 = time.perf_counter()

@@ -24,6 +24,9 @@ from ..errors import InputError
 # `<name>.onnx.data` (ONNX's external data), which ONNX Runtime reads from beside the .onnx file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 DEFAULT_OPSET = 17  # LayerNormalization (SigLIP) is an opset-17 op; the TorchScript exporter goes up to 20
+# The least opset every part exports at: attention (aten::scaled_dot_product_attention) has an ONNX form from
+# opset 14 on. Checked before any weight is read; below it the exporter would fail only after loading the model.
+MIN_OPSET = 14
 MAX_OPSET = 20
 INSTALL_HINT = "pip install 'fastjanus[onnx]' (onnx and onnxruntime; on a CUDA host onnxruntime-gpu instead)"
 
@@ -39,9 +42,13 @@ def require(name: str):
 def check_opset(opset) -> int:
     if isinstance(opset, bool) or not isinstance(opset, int):
         raise InputError(f"--opset must be an integer, got {opset!r}")
-    if not 7 <= opset <= MAX_OPSET:
-        raise InputError(f"--opset {opset} is outside what the exporter writes (7..{MAX_OPSET}); "
-                         f"use {DEFAULT_OPSET} (the default)")
+    if opset < MIN_OPSET:
+        raise InputError(f"--opset {opset} is too low for an op the graphs use (attention, "
+                         f"aten::scaled_dot_product_attention, needs opset {MIN_OPSET}): use --opset {DEFAULT_OPSET} "
+                         "(the default)")
+    if opset > MAX_OPSET:
+        raise InputError(f"--opset {opset} is above what torch's TorchScript exporter writes ({MAX_OPSET}); use "
+                         f"--opset {DEFAULT_OPSET} (the default)")
     return opset
 
 
@@ -88,10 +95,10 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, *, input_nam
                                   do_constant_folding=True)
         except Exception as e:  # the exporter raises its own error types (SymbolicValueError, UnsupportedOperatorError)
             msg = " ".join(str(e).split())
-            if "opset" in msg.lower() or "unsupported" in msg.lower():
+            if opset < DEFAULT_OPSET and ("opset" in msg.lower() or "unsupported" in msg.lower()):
                 raise InputError(f"--opset {opset} is too low for an op of {path.name} ({msg[:200]}): use "
-                                 f"--opset {DEFAULT_OPSET} (the default) or higher") from None
-            raise
+                                 f"--opset {DEFAULT_OPSET} (the default)") from None
+            raise InputError(f"{path.name}: the ONNX exporter failed at opset {opset}: {msg[:300]}") from None
         proto = onnx.load(str(raw))  # loads any external data the exporter wrote
     for out, shape in zip(proto.graph.output, output_shapes or []):
         dims = out.type.tensor_type.shape.dim
@@ -111,7 +118,8 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, *, input_nam
     else:
         onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path))  # a path: works with external data too
-    onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred")  # raises on inconsistent shapes
+    # strict: an inconsistent shape or type raises (the default would skip what it cannot infer silently)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred", check_type=True, strict_mode=True)
     os.replace(str(path) + ".inferred", str(path))  # keeps the inferred shapes (external data stays referenced)
     size = path.stat().st_size + ((path.parent / data).stat().st_size if data else 0)
     return {"file": path.name, "bytes": size, "external_data": data, "seconds": round(time.perf_counter() - t0, 2)}

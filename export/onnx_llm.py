@@ -274,7 +274,15 @@ def read_settings(onnx_dir: Path) -> dict:
     path = Path(onnx_dir) / SETTINGS
     if not path.is_file():
         raise InputError(f"{path} is missing (the LLM graphs' settings): {EXPORT_HINT}")
-    return json.loads(path.read_text())
+    keys = ("image_tokens", "codebook_size", "vocab_size", "max_len", "dtype")
+    try:
+        s = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(s, dict) and all(k in s for k in keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise InputError(f"{path}: damaged (need a JSON object with {', '.join(keys)}): {EXPORT_HINT}")
+    return s
 
 
 def cfg_mix(logits: np.ndarray, cfg_weight: float) -> np.ndarray:
@@ -332,7 +340,7 @@ class OrtImageGenerator:
         for part in PARTS:
             path = self.dir / graph_file(part, int8)
             if not path.is_file():
-                extra = " (and `quantize_llm_int8` for the int8 graphs)" if int8 and part in INT8_PARTS else ""
+                extra = " with --quantize int8 (the int8 graphs)" if int8 and part in INT8_PARTS else ""
                 raise InputError(f"{path} is missing: {EXPORT_HINT}{extra}")
             self.sessions[part] = ort.InferenceSession(str(path), providers=list(providers))
         self.provider = self.sessions["llm_decode"].get_providers()[0]

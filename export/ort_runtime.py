@@ -25,7 +25,11 @@ def choose_providers(providers="auto") -> list[str]:
     ort = require("onnxruntime")
     avail = ort.get_available_providers()
     if providers == "auto":
-        return [p for p in PROVIDER_ORDER if p in avail] or avail
+        chosen = [p for p in PROVIDER_ORDER if p in avail]
+        if not chosen:
+            raise InputError(f"this onnxruntime offers none of {', '.join(PROVIDER_ORDER)} (it has "
+                             f"{', '.join(avail)}); reinstall onnxruntime (or onnxruntime-gpu)")
+        return chosen
     asked = [providers] if isinstance(providers, str) else list(providers)
     missing = [p for p in asked if p not in avail]
     if missing or not asked:
@@ -36,9 +40,11 @@ def choose_providers(providers="auto") -> list[str]:
     return asked
 
 
-def read_manifest(onnx_dir, fingerprint: str | None = None) -> tuple[Path, dict]:
-    """The export folder's manifest, checked: present, of this format, its files present, and (given a
-    fingerprint) exported from that checkpoint."""
+def read_manifest(onnx_dir, fingerprint: str | None = None, parts=(), config_sha256: str | None = None,
+                  model_dir=None) -> tuple[Path, dict]:
+    """The export folder's manifest, checked: present, of this format, its files present, holding `parts`, and
+    (given a fingerprint, or only a config digest where the weights are not at hand) exported from that
+    checkpoint."""
     d = Path(onnx_dir)
     if not d.is_dir():
         raise InputError(f"{path_of('onnx_dir', d)}: no such folder; write one with `fastjanus export-onnx --model "
@@ -59,9 +65,20 @@ def read_manifest(onnx_dir, fingerprint: str | None = None) -> tuple[Path, dict]
             if not name or not (d / name).is_file():
                 raise InputError(f"{d / str(name)}: missing ({part} in {MANIFEST}); export again with "
                                  "`fastjanus export-onnx`")
-    if fingerprint is not None and m.get("model", {}).get("fingerprint") != fingerprint:
-        raise InputError(f"{path_of('onnx_dir', d)}: exported from another model ({m.get('model', {}).get('path')}), "
-                         "not this checkpoint; export this one with `fastjanus export-onnx --model MODEL --out DIR`")
+    missing = [p for p in parts if p not in m["parts"]]
+    if missing:
+        which = "all" if set(missing) - {VISION, VQ} else "vision,vq-decoder"
+        raise InputError(f"{path_of('onnx_dir', d)}: exported without {', '.join(missing)}; export again with "
+                         f"`fastjanus export-onnx --parts {which}`")
+    model = m.get("model", {})
+    if (fingerprint is not None and model.get("fingerprint") != fingerprint) or \
+            (config_sha256 is not None and model.get("config_sha256") != config_sha256):
+        was = model.get("path")
+        same = model_dir is not None and was is not None and Path(was) == Path(model_dir).resolve()
+        raise InputError(f"{path_of('onnx_dir', d)}: " + (
+            f"the checkpoint at {was} changed since this export" if same else
+            f"exported from another model ({was}), not this checkpoint")
+            + "; export it again with `fastjanus export-onnx --model MODEL --out DIR`")
     return d, m
 
 
@@ -71,16 +88,19 @@ class OrtVision:
     providers: "auto" (TensorRT, CUDA, then CPU: whichever the installed onnxruntime offers), a name or a list.
     `.providers[part]` says what each session took (ORT falls back to the CPU where a provider cannot start)."""
 
-    def __init__(self, onnx_dir, providers="auto", *, fingerprint: str | None = None, threads: int | None = None):
+    def __init__(self, onnx_dir, providers="auto", *, fingerprint: str | None = None, parts=(VISION, VQ),
+                 threads: int | None = None, config_sha256: str | None = None, model_dir=None):
+        """parts: the graphs to open; each must be in the export (checked now, before any work). fingerprint
+        (or config_sha256): the checkpoint's, from export.onnx_export; model_dir names it in errors."""
         ort = require("onnxruntime")
-        self.dir, self.manifest = read_manifest(onnx_dir, fingerprint)
+        self.dir, self.manifest = read_manifest(onnx_dir, fingerprint, parts, config_sha256, model_dir)
         chosen = choose_providers(providers)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.sessions, self.providers = {}, {}
-        for part in (VISION, VQ):
-            if part in self.manifest["parts"]:
+        for part in parts:
+            if part in (VISION, VQ):
                 s = ort.InferenceSession(str(self.dir / self.manifest["parts"][part]["file"]), opts, providers=chosen)
                 self.sessions[part], self.providers[part] = s, s.get_providers()[0]
 

@@ -125,13 +125,17 @@ def save_images(images, out: Path, seed: int) -> list[Path]:
 
 def _generate_onnx(args) -> int:
     """--engine onnx: the whole generation on ONNX Runtime (the LLM graphs, then the VQ decoder graph); only the
-    tokenizer runs in Python. Nothing of the checkpoint but its config and tokenizer files is read."""
+    tokenizer runs in Python. The checkpoint's weights are not loaded: where they are present they are
+    fingerprinted to check the export against them, otherwise its config.json is (an edge bundle may hold only
+    the config and tokenizer files beside the graphs)."""
+    from .checkpoint import find_weights
     from .engine.pipeline import image_token_rows
+    from .errors import CheckpointNotFoundError
     torch_only = [f for f, v in (("--device", args.device), ("--dtype", args.dtype), ("--backend", args.backend),
                                  ("--max-rows", args.max_rows), ("--max-len", args.max_len),
-                                 ("--kv-cache", args.kv_cache), ("--top-p", args.top_p),
-                                 ("--quantize-heads", args.quantize_heads), ("--cuda-graphs",
-                                                                             args.cuda_graphs != "auto")) if v]
+                                 ("--kv-cache", args.kv_cache), ("--top-p", args.top_p)) if v is not None]
+    torch_only += [f for f, v in (("--quantize-heads", args.quantize_heads),
+                                  ("--cuda-graphs", args.cuda_graphs != "auto")) if v]
     if torch_only:
         raise InputError(f"{', '.join(torch_only)}: not used by --engine onnx (the graphs fix the dtype; ONNX Runtime "
                          "picks the provider); drop them, or use --engine torch")
@@ -146,17 +150,29 @@ def _generate_onnx(args) -> int:
     cfg, tk = _model_files(path)
     rows = image_token_rows(tk, cfg, args.prompt, args.num_images)
     seed = _seed(args, matters=args.temperature > 0)
-    from .export.onnx_export import model_fingerprint
+    from .export.onnx_export import VQ, config_digest, model_fingerprint
+    from .export.onnx_llm import PARTS as LLM_GRAPHS
     from .export.onnx_llm import OrtImageGenerator
-    from .export.ort_runtime import OrtVision
+    from .export.ort_runtime import OrtVision, read_manifest
+    try:
+        find_weights(path)
+        ident = {"fingerprint": model_fingerprint(path)}
+    except CheckpointNotFoundError:
+        ident = {"config_sha256": config_digest(path)}
+    _, m = read_manifest(args.onnx_dir, parts=(VQ, *LLM_GRAPHS), model_dir=path, **ident)
+    if args.quantize and "int8" not in m:
+        raise InputError(f"--onnx-dir {args.onnx_dir}: exported without the int8 LLM graphs; export again with "
+                         "`fastjanus export-onnx --parts all --quantize int8`")
     t0 = time.perf_counter()
-    vision = OrtVision(args.onnx_dir, fingerprint=model_fingerprint(path))
+    vision = OrtVision(args.onnx_dir, parts=(VQ,), model_dir=path, **ident)
     gen = OrtImageGenerator(args.onnx_dir, int8=args.quantize == "int8")
     t1 = time.perf_counter()
     codes = gen.generate(rows, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k, seed=seed)
     t2 = time.perf_counter()
     from PIL import Image
-    images = [Image.fromarray(a) for a in vision.decode(codes)[1]]
+    vq_batch = 8  # images per VQ decoder call, as the torch path without a memory plan: bounds the activations
+    images = [Image.fromarray(a) for i in range(0, len(codes), vq_batch)
+              for a in vision.decode(codes[i:i + vq_batch])[1]]
     t3 = time.perf_counter()
     for p in save_images(images, out, seed):
         print(p)
@@ -496,9 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generation.")
     x.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (official hub layout)")
     x.add_argument("--out", required=True, metavar="DIR", help="output folder, created when missing")
-    x.add_argument("--parts", default="vision,vq-decoder", help="comma-separated: vision, vq-decoder; or all")
+    x.add_argument("--parts", default="vision,vq-decoder",
+                   help="comma-separated: vision, vq-decoder, llm (the LLM graphs of image generation); or all")
     x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations of the graphs")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or higher: SigLIP's LayerNormalization)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (attention needs 14)")
     x.add_argument("--quantize", choices=["int8"], default=None,
                    help="with --parts all: also int8 LLM graphs (ONNX Runtime's dynamic quantization), their size "
                         "and first-step logit error reported")

@@ -265,6 +265,7 @@ class JanusPipeline:
             self.runtime = None
             self.runner = None
             self.model = None
+            self.onnx = None  # the ONNX Runtime sessions (host memory, or device memory on a GPU provider)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the freed blocks back to the device, not only to torch's cache
 
@@ -425,10 +426,11 @@ class JanusPipeline:
         if batch_size is None:
             batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
         check_count("batch_size", batch_size)
-        codes = self._check_codes(codes).to(self.device)
-        if self.onnx is not None:
-            return torch.cat([torch.from_numpy(self.onnx.decode(c.cpu().numpy())[0]) for c in codes.split(batch_size)]
+        if self.onnx is not None:  # the codes stay on the host: ONNX Runtime takes numpy
+            codes = self._check_codes(codes).cpu()
+            return torch.cat([torch.from_numpy(self.onnx.decode(c.numpy())[0]) for c in codes.split(batch_size)]
                              ).to(self.device, self.dtype)
+        codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
 
@@ -675,7 +677,7 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     if onnx_dir is not None:  # checked (and its sessions made) before the weights load
         from ..export.onnx_export import model_fingerprint
         from ..export.ort_runtime import OrtVision
-        ort_vision = OrtVision(onnx_dir, onnx_providers, fingerprint=model_fingerprint(path))
+        ort_vision = OrtVision(onnx_dir, onnx_providers, fingerprint=model_fingerprint(path), model_dir=path)
     graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     proc = tokenizer.processor
