@@ -213,6 +213,7 @@ print(json.dumps({"embeds_rel": err, "grey": grey, "modules": loaded, "graphs": 
 """
 
 
+@pytest.mark.slow  # a venv and a pip install (15-25 s): .ci/run runs it with the other slow ONNX test
 def test_exported_files_run_without_torch(tiny, tmp_path):
     """The files need only onnxruntime and numpy: a fresh venv with nothing else loads every graph of an export
     with --parts all and runs the vision pair against torch's outputs. The venv is made
