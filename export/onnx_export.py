@@ -92,6 +92,19 @@ def model_fingerprint(model_dir: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def model_identity(model_dir: Path) -> dict:
+    """What an export is checked against: {"fingerprint": ...} of the checkpoint, or {"config_sha256": ...} where
+    its weight files are absent (an edge bundle may hold only the config and tokenizer files beside the graphs).
+    The keyword arguments of ort_runtime.read_manifest / OrtVision."""
+    from ..checkpoint import find_weights
+    from ..errors import CheckpointNotFoundError
+    try:
+        find_weights(model_dir)
+    except CheckpointNotFoundError:
+        return {"config_sha256": config_digest(model_dir)}
+    return {"fingerprint": model_fingerprint(model_dir)}
+
+
 def model_summary(cfg) -> dict:
     L = cfg.language
     return {"hidden_size": L.hidden_size, "num_layers": L.num_hidden_layers, "vocab_rows": L.vocab_size,

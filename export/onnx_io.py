@@ -15,10 +15,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # A protobuf message cannot pass 2 GiB: above this many bytes of weights a graph keeps them in a side file
 # `<name>.onnx.data` (ONNX's external data), which ONNX Runtime reads from beside the .onnx file.
@@ -82,6 +84,7 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, *, input_nam
     vaguer (the VQ decoder's upsampling leaves its spatial sizes symbolic).
 
     An op the exporter cannot write at this opset becomes one line naming the opset and what to use instead."""
+    import torch  # here, not at the top: onnx_llm's runner imports this module and must not need torch
     onnx = require("onnx")
     path = Path(path)
     t0 = time.perf_counter()

@@ -24,18 +24,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_sampling, check_seed
 from ..errors import InputError, arg
+from .onnx_io import check_opset, describe, export_module, require
 
 PARTS = ("llm_prefill", "llm_decode", "gen_head", "image_embed")
 INT8_PARTS = ("llm_prefill", "llm_decode", "gen_head")  # image_embed is a table lookup: nothing to multiply
 SETTINGS = "llm.json"
 EXPORT_HINT = "run `fastjanus export-onnx --parts all` to write it"
-ORT_HINT = "pip install 'fastjanus[onnx]' (onnx and onnxruntime; on a CUDA host onnxruntime-gpu instead)"
 
 
 def graph_file(part: str, int8: bool = False) -> str:
@@ -53,7 +53,6 @@ def export_llm(model, cfg, out_dir: Path, *, opset: int, dtype, max_len: int | N
     which sizes the rotary table inside the graphs; default the model's context."""
     import torch
 
-    from .onnx_io import check_opset, describe, export_module
     check_opset(opset)
     if dtype not in (torch.float32, torch.float16):
         raise InputError(f"ONNX export of the LLM supports float32 and float16, got {dtype}; bfloat16 has no "
@@ -262,14 +261,6 @@ def _wrappers():
 
 
 # ========================================================================================= runner (numpy + ORT)
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise InputError(f"onnxruntime is not installed ({e}): {ORT_HINT}") from None
-    return onnxruntime
-
-
 def read_settings(onnx_dir: Path) -> dict:
     path = Path(onnx_dir) / SETTINGS
     if not path.is_file():
@@ -310,18 +301,6 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.ra
     return np.argmax(cdf > u[:, None], axis=-1).astype(np.int64)  # a zero-probability code is never the first
 
 
-def _check_sampling(cfg_weight, temperature, top_k, seed) -> None:
-    finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    if not finite(temperature) or temperature < 0:
-        raise InputError(f"{arg('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not finite(cfg_weight) or cfg_weight < 0:
-        raise InputError(f"{arg('cfg_weight')} must be a finite number >= 0, got {cfg_weight!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"{arg('seed')} must be an integer >= 0, got {seed!r}")
-
-
 class OrtImageGenerator:
     """Image codes from the four LLM graphs on ONNX Runtime; numpy does the guidance and the sampling.
 
@@ -330,7 +309,7 @@ class OrtImageGenerator:
     (quantize_llm_int8) for the prefill, decode and head."""
 
     def __init__(self, onnx_dir, providers=None, *, int8: bool = False):
-        ort = _ort()
+        ort = require("onnxruntime")
         self.dir = Path(onnx_dir)
         self.settings = read_settings(self.dir)
         if providers is None:
@@ -417,7 +396,10 @@ class OrtImageGenerator:
         """Image codes [N, image_tokens] int64 from the interleaved (conditional, unconditional) token rows of
         `engine.pipeline.image_token_rows` (2N rows). Greedy (temperature 0) follows the torch path's
         arithmetic; sampled codes are reproducible per seed."""
-        _check_sampling(cfg_weight, temperature, top_k, seed)
+        check_sampling(temperature, top_k, None, cfg_weight)
+        if seed is None:  # a sampled stream is reproducible only from a given seed
+            raise InputError(f"{arg('seed')} must be an integer in [0, 2**63), got None")
+        check_seed(seed)
         n_tok = self.settings["image_tokens"]
         h, cache, lengths = self.prefill(rows)
         rng = np.random.default_rng(seed)
@@ -468,7 +450,6 @@ def quantize_llm_int8(onnx_dir, *, per_channel: bool = True, reduce_range: bool 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .onnx_io import describe
     onnx_dir = Path(onnx_dir)
     settings = read_settings(onnx_dir)
     if settings["dtype"] != "float32":

@@ -123,14 +123,8 @@ def save_images(images, out: Path, seed: int) -> list[Path]:
     return paths
 
 
-def _generate_onnx(args) -> int:
-    """--engine onnx: the whole generation on ONNX Runtime (the LLM graphs, then the VQ decoder graph); only the
-    tokenizer runs in Python. The checkpoint's weights are not loaded: where they are present they are
-    fingerprinted to check the export against them, otherwise its config.json is (an edge bundle may hold only
-    the config and tokenizer files beside the graphs)."""
-    from .checkpoint import find_weights
-    from .engine.pipeline import image_token_rows
-    from .errors import CheckpointNotFoundError
+def _check_onnx_flags(args) -> None:
+    """--engine onnx: the flags that only the torch engine reads are refused, and --onnx-dir is needed."""
     torch_only = [f for f, v in (("--device", args.device), ("--dtype", args.dtype), ("--backend", args.backend),
                                  ("--max-rows", args.max_rows), ("--max-len", args.max_len),
                                  ("--kv-cache", args.kv_cache), ("--top-p", args.top_p)) if v is not None]
@@ -145,56 +139,38 @@ def _generate_onnx(args) -> int:
     if not args.onnx_dir:
         raise InputError("--engine onnx needs --onnx-dir DIR, written by `fastjanus export-onnx --model MODEL "
                          "--out DIR --parts all`")
-    out = prepare_out_dir(args.out)
-    path = _model_arg(args)
-    cfg, tk = _model_files(path)
-    rows = image_token_rows(tk, cfg, args.prompt, args.num_images)
-    seed = _seed(args, matters=args.temperature > 0)
-    from .export.onnx_export import VQ, config_digest, model_fingerprint
+
+
+def _generate_onnx(args, path: Path, rows: list[list[int]], seed: int):
+    """--engine onnx: the whole generation on ONNX Runtime (the LLM graphs, then the VQ decoder graph); only the
+    tokenizer runs in Python and the checkpoint's weights are not loaded (onnx_export.model_identity says what
+    the export is checked against). Returns (images, the timing line)."""
+    from PIL import Image
+
+    from .export.onnx_export import VQ, model_identity
     from .export.onnx_llm import PARTS as LLM_GRAPHS
     from .export.onnx_llm import OrtImageGenerator
-    from .export.ort_runtime import OrtVision, read_manifest
-    try:
-        find_weights(path)
-        ident = {"fingerprint": model_fingerprint(path)}
-    except CheckpointNotFoundError:
-        ident = {"config_sha256": config_digest(path)}
-    _, m = read_manifest(args.onnx_dir, parts=(VQ, *LLM_GRAPHS), model_dir=path, **ident)
-    if args.quantize and "int8" not in m:
+    from .export.ort_runtime import OrtVision
+    t0 = time.perf_counter()
+    vision = OrtVision(args.onnx_dir, parts=(VQ, *LLM_GRAPHS), model_dir=path, **model_identity(path))
+    if args.quantize and "int8" not in vision.manifest:
         raise InputError(f"--onnx-dir {args.onnx_dir}: exported without the int8 LLM graphs; export again with "
                          "`fastjanus export-onnx --parts all --quantize int8`")
-    t0 = time.perf_counter()
-    vision = OrtVision(args.onnx_dir, parts=(VQ,), model_dir=path, **ident)
     gen = OrtImageGenerator(args.onnx_dir, int8=args.quantize == "int8")
     t1 = time.perf_counter()
     codes = gen.generate(rows, cfg_weight=args.cfg, temperature=args.temperature, top_k=args.top_k, seed=seed)
     t2 = time.perf_counter()
-    from PIL import Image
     vq_batch = 8  # images per VQ decoder call, as the torch path without a memory plan: bounds the activations
     images = [Image.fromarray(a) for i in range(0, len(codes), vq_batch)
               for a in vision.decode(codes[i:i + vq_batch])[1]]
     t3 = time.perf_counter()
-    for p in save_images(images, out, seed):
-        print(p)
-    print(f"{len(images)} image(s) on ONNX Runtime: sessions {t1 - t0:.2f} s, tokens {t2 - t1:.2f} s "
-          f"({gen.provider}{', int8 LLM' if args.quantize else ''}), VQ decode {t3 - t2:.2f} s "
-          f"({vision.provider}), seed {seed}", file=sys.stderr)
-    return 0
+    return images, (f"{len(images)} image(s) on ONNX Runtime: sessions {t1 - t0:.2f} s, tokens {t2 - t1:.2f} s "
+                    f"({gen.provider}{', int8 LLM' if args.quantize else ''}), VQ decode {t3 - t2:.2f} s "
+                    f"({vision.provider}), seed {seed}")
 
 
-def cmd_generate(args) -> int:
-    from .engine.pipeline import check_count, check_sampling, check_seed, image_token_rows
-    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
-    check_count("num_images", args.num_images)
-    check_seed(args.seed)
-    if args.engine == "onnx":
-        return _generate_onnx(args)
-    _check_runtime_flags(args)
-    out = prepare_out_dir(args.out)
-    path = _model_arg(args)
-    cfg, tk = _model_files(path)
-    image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
-    seed = _seed(args, matters=args.temperature > 0)
+def _generate_torch(args, path: Path, seed: int):
+    """The pipeline on torch (the default engine). Returns (images, the timing line)."""
     pipe = _load(args, path)
     t0 = time.perf_counter()
     codes = pipe.generate_image_tokens(args.prompt, num_images=args.num_images, cfg_weight=args.cfg,
@@ -204,11 +180,30 @@ def cmd_generate(args) -> int:
     tm = dict(pipe.last_timings)
     images = pipe.decode_image_tokens(codes)
     t2 = time.perf_counter()
-    for path in save_images(images, out, seed):
-        print(path)
-    print(f"{len(images)} image(s): tokens {t1 - t0:.2f} s (prefill {tm['prefill_s']:.3f} s, "
-          f"{tm['steps']} steps {tm['decode_s']:.2f} s), VQ decode {t2 - t1:.2f} s, total {t2 - t0:.2f} s "
-          f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}, seed {seed}]", file=sys.stderr)
+    return images, (f"{len(images)} image(s): tokens {t1 - t0:.2f} s (prefill {tm['prefill_s']:.3f} s, "
+                    f"{tm['steps']} steps {tm['decode_s']:.2f} s), VQ decode {t2 - t1:.2f} s, total {t2 - t0:.2f} s "
+                    f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}, seed {seed}]")
+
+
+def cmd_generate(args) -> int:
+    from .engine.pipeline import check_count, check_sampling, check_seed, image_token_rows
+    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    check_count("num_images", args.num_images)
+    check_seed(args.seed)
+    if args.engine == "onnx":
+        _check_onnx_flags(args)
+    else:
+        _check_runtime_flags(args)
+    out = prepare_out_dir(args.out)
+    path = _model_arg(args)
+    cfg, tk = _model_files(path)
+    rows = image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
+    seed = _seed(args, matters=args.temperature > 0)
+    images, timing = (_generate_onnx(args, path, rows, seed) if args.engine == "onnx" else
+                      _generate_torch(args, path, seed))
+    for p in save_images(images, out, seed):
+        print(p)
+    print(timing, file=sys.stderr)
     return 0
 
 

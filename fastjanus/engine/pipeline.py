@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import time
 import warnings
@@ -14,6 +13,7 @@ from PIL import Image
 
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
+from ..checks import check_count, check_sampling, check_seed, check_top_k  # noqa: F401 (the CLI imports them here)
 from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path_of, setting
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
@@ -89,42 +89,6 @@ def resolve_backend(backend, device: torch.device) -> str:
         warnings.warn("TRITON_INTERPRET=1 is set: the Triton kernels run in the interpreter on the host, very "
                       "slowly; unset it for real GPU speed", stacklevel=3)
     return backend
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-# Request checks, shared with the CLI so that it can refuse bad flags before it loads a model. Messages name
-# the argument with errors.arg(), which renders as the flag under the CLI.
-def check_sampling(temperature, top_k=None, top_p=None, cfg_weight=None) -> None:
-    if not _number(temperature) or temperature < 0:
-        raise InputError(f"{arg('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if cfg_weight is not None and (not _number(cfg_weight) or cfg_weight < 0):
-        raise InputError(f"{arg('cfg_weight')} must be a finite number >= 0, got {cfg_weight!r}")
-    check_top_k(top_k)
-    if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
-        raise InputError(f"{arg('top_p')} must be in (0, 1] (or left out), got {top_p!r}")
-
-
-def check_top_k(top_k) -> None:
-    if top_k is not None and not _positive_int(top_k):
-        raise InputError(f"{arg('top_k')} must be a positive integer (or left out), got {top_k!r}")
-
-
-def check_count(name: str, value) -> None:
-    """num_images, max_new_tokens, batch_size: an integer >= 1."""
-    if not _positive_int(value):
-        raise InputError(f"{arg(name)} must be an integer >= 1, got {value!r}")
-
-
-def check_seed(seed) -> None:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
-        raise InputError(f"{arg('seed')} must be an integer in [0, 2**63) (or left out), got {seed!r}")
 
 
 def new_seed() -> int:
@@ -423,26 +387,31 @@ class JanusPipeline:
         """codes [N, 576] → float pixels [N, 3, 384, 384] in about [-1, 1] (model dtype, on the device).
         batch_size: images per VQ decoder call (default: what the memory plan leaves room for, at most 16; 8
         without a plan)."""
-        if batch_size is None:
-            batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
-        check_count("batch_size", batch_size)
-        if self.onnx is not None:  # the codes stay on the host: ONNX Runtime takes numpy
-            codes = self._check_codes(codes).cpu()
-            return torch.cat([torch.from_numpy(self.onnx.decode(c.numpy())[0]) for c in codes.split(batch_size)]
-                             ).to(self.device, self.dtype)
+        batch_size = self._vq_batch(batch_size)
+        if self.onnx is not None:
+            return torch.from_numpy(self._onnx_decode(codes, batch_size)[0]).to(self.device, self.dtype)
         codes = self._check_codes(codes).to(self.device)
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode_codes(c, self.backend) for c in codes.split(batch_size)])
+
+    def _vq_batch(self, batch_size: int | None) -> int:
+        """Images per VQ decoder call: what the memory plan leaves room for (at most 16), 8 without a plan."""
+        if batch_size is None:
+            batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
+        check_count("batch_size", batch_size)
+        return batch_size
+
+    def _onnx_decode(self, codes, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The VQ decoder graph, batch by batch: (pixels [N, 3, S, S], images uint8 [N, S, S, 3]). The codes stay
+        on the host: ONNX Runtime takes numpy."""
+        out = [self.onnx.decode(c.numpy()) for c in self._check_codes(codes).cpu().split(batch_size)]
+        return np.concatenate([p for p, _ in out]), np.concatenate([i for _, i in out])
 
     @_serialised
     def decode_image_tokens(self, codes, batch_size: int | None = None):
         t0 = time.perf_counter()
         if self.onnx is not None:  # the graph's own uint8 output (the same conversion as to_pil, in the graph)
-            if batch_size is None:
-                batch_size = self.memory_plan.vq_batch if self.memory_plan is not None else 8
-            check_count("batch_size", batch_size)
-            arr = [self.onnx.decode(c.cpu().numpy())[1] for c in self._check_codes(codes).split(batch_size)]
-            images = [Image.fromarray(a) for a in np.concatenate(arr)]
+            images = [Image.fromarray(a) for a in self._onnx_decode(codes, self._vq_batch(batch_size))[1]]
         else:
             images = to_pil(self.decode_image_pixels(codes, batch_size))
         self.last_timings["vq_decode_s"] = time.perf_counter() - t0
