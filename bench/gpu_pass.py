@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b")
-PARTS = ("tests", "kernels", "e2e", "quant")
+PARTS = ("tests", "kernels", "e2e", "quant", "spec")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (tests/ is run from here)
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -66,6 +66,9 @@ MIN_S = {
     "bench-quant": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 180},
     "step-kernels": {"tiny": 5, "janus-1.3b": 20, "janus-pro-1b": 20, "janus-pro-7b": 90},
     "tests-gpu": 300, "kernels": 90, "tests-default": 60,
+    # estimates (never run on a GPU yet): 3 windows x 2 buckets, each captured; the bench: 1 and 32 images, twice
+    "spec-pass": {"tiny": 5, "janus-1.3b": 60, "janus-pro-1b": 60, "janus-pro-7b": 120},
+    "bench-spec": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 180},
 }
 DRY_MIN_S = 2.0  # every step of a dry run
 BENCH_SCENARIOS = ["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"]
@@ -146,11 +149,11 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
     m = (lambda key, arch=None: DRY_MIN_S) if dry_run else \
         (lambda key, arch=None: MIN_S[key][arch] if arch else MIN_S[key])
     steps: list[Step] = []
-    if "e2e" in parts or "quant" in parts:
+    if {"e2e", "quant", "spec"} & set(parts):
         for a in arches:
             make = "import sys; from fastjanus.random_init import cached_random_model as c; print(c(sys.argv[1]))"
-            steps.append(Step(f"checkpoint-{a}", "e2e" if "e2e" in parts else "quant", [py, "-c", make, a],
-                              m("checkpoint", a), env=dict(cache_env)))
+            part = next(p for p in ("e2e", "quant", "spec") if p in parts)
+            steps.append(Step(f"checkpoint-{a}", part, [py, "-c", make, a], m("checkpoint", a), env=dict(cache_env)))
     if "tests" in parts:
         gpu_tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
         steps.append(Step("tests-gpu", "tests", gpu_tests + ["--junitxml", str(work / "junit-gpu.xml")],
@@ -199,6 +202,22 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
                 cmd += ["--device", "cpu", "--repeats", "1", "--warmup", "0"] if dry_run else ["--dtype", "bf16"]
                 steps.append(Step(f"bench-{a}-{w}", "quant", cmd, m("bench-quant", a), outputs=[what],
                                   env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
+    if "spec" in parts:  # speculative decoding: a pass against a step at K = 8, 16, 32; end to end with and without
+        for a in arches:
+            what = f"{prefix}-{a}-spec-pass.json"
+            cmd = [py, "-m", "fastjanus.bench.spec_pass", "--arch", a, "--json", str(out / what)]
+            cmd += ["--device", "cpu", "--rows", "2", "--windows", "2,4", "--passes", "2", "--repeats", "1"] \
+                if dry_run else ["--device", "cuda", "--dtype", "bf16", "--rows", "2,32", "--windows", "8,16,32"]
+            steps.append(Step(f"spec-pass-{a}", "spec", cmd, m("spec-pass", a), outputs=[what], env=dict(cache_env),
+                              needs=f"checkpoint-{a}"))
+            what = f"{prefix}-{a}-spec.json"
+            cmd = [py, "-m", "fastjanus.cli", "bench", "--arch", a, "--speculative", "--window", "16",
+                   "--baselines", "none", "--quiet", "--json", str(out / what), "--scenario", "t2i-1",
+                   "--scenario", "throughput"]
+            cmd += ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--max-batch", "2"] if dry_run else \
+                ["--dtype", "bf16"]
+            steps.append(Step(f"bench-spec-{a}", "spec", cmd, m("bench-spec", a), outputs=[what],
+                              env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
     if "tests" in parts:
         cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu
@@ -424,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--arch", action="append", choices=ARCHES,
                     help="model(s) for the e2e part, repeatable (default: janus-pro-1b)")
     ap.add_argument("--part", default="tests,kernels,e2e",
-                    help="comma-separated: tests, kernels, e2e, quant (8-bit benches; a run of its own per --arch)")
+                    help="comma-separated: tests, kernels, e2e, quant (8-bit benches; a run of its own per --arch), "
+                         "spec (speculative decoding: pass vs step, end to end)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds this pass may take in all; steps that would not fit are skipped and listed")
     ap.add_argument("--work", default=None, help="scratch folder for checkpoints and JUnit files "
@@ -467,8 +487,8 @@ def main(argv: list[str] | None = None, echo=print) -> int:
         work = Path(tempfile.mkdtemp(prefix="fastjanus-gpu-pass-"))
     env = environment(args.dry_run)
     prefix = f"{device_slug(env)}-{datetime.date.today().isoformat()}"
-    tag = "-".join(p for p in PARTS if p in parts) + ("-" + "-".join(arches) if {"e2e", "quant"} & set(parts)
-                                                       else "")
+    tag = "-".join(p for p in PARTS if p in parts) + ("-" + "-".join(arches) if {"e2e", "quant", "spec"} &
+                                                       set(parts) else "")
     steps = plan_steps(out, work, prefix, tag, parts, arches, args.dry_run)
     n = count_files(steps)
     if n > MAX_FILES:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_speculative
 from ..errors import InputError, arg
 from ..quant import check_kv_cache, check_scheme
 from ..random_init import cached_random_model
@@ -69,6 +70,7 @@ class BenchConfig:
     quality: bool = False  # also measure the 8-bit model's error against the unquantized one (bench/quant_quality)
     quality_prompts: int = 32
     engine: str = "torch"  # "onnx": also time SigLIP and the VQ decoder on ONNX Runtime (rows siglip[onnx] ...)
+    speculative: int | None = None  # a window: each image scenario also runs with speculative decoding ([spec W])
 
     def __post_init__(self):
         if (self.arch is None) == (self.model is None):
@@ -109,6 +111,8 @@ class BenchConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InputError(f"{arg(name)} must be an integer >= 1 (or left out), got {v!r}")
+        if self.speculative is not None:
+            check_speculative(True, self.speculative)
         if self.time_limit is not None and (not isinstance(self.time_limit, (int, float)) or
                                             isinstance(self.time_limit, bool) or not self.time_limit > 0):
             raise InputError(f"{arg('time_limit')} must be a number of seconds > 0, got {self.time_limit!r}")
@@ -238,18 +242,28 @@ def _t2i_inputs(cfg: BenchConfig, idx: int) -> tuple[str, int]:
     return random_prompt(rng, cfg.prompt_words), (cfg.seed * 1_000_003 + idx) % (2 ** 62)
 
 
-def _fj_t2i(pipe, n: int, prompt: str, seed: int) -> dict:
+def _fj_t2i(pipe, n: int, prompt: str, seed: int, window: int | None = None) -> dict:
+    """window: speculative decoding with that window (the row also gets its passes and codes per pass)."""
     from ..image import to_pil
     dev = pipe.device
     _sync(dev)
     t0 = time.perf_counter()
-    codes = pipe.generate_image_tokens(prompt, num_images=n, seed=seed, temperature=1.0, cfg_weight=5.0)
+    codes = pipe.generate_image_tokens(prompt, num_images=n, seed=seed, temperature=1.0, cfg_weight=5.0,
+                                       speculative=window is not None, window=window or 16)
     tm = dict(pipe.last_timings)
     t1 = time.perf_counter()
     to_pil(pipe.decode_image_pixels(codes))  # .cpu() inside: synchronises
     t2 = time.perf_counter()
-    return {"total_s": t2 - t0, "prefill_s": tm["prefill_s"], "decode_s": tm["decode_s"], "vq_decode_s": t2 - t1,
-            "steps": tm["steps"], "prompt_len": len(pipe.tokenizer.generation_prompt(prompt))}
+    out = {"total_s": t2 - t0, "prefill_s": tm["prefill_s"], "decode_s": tm["decode_s"], "vq_decode_s": t2 - t1,
+           "steps": tm["steps"], "prompt_len": len(pipe.tokenizer.generation_prompt(prompt))}
+    if window is not None:
+        out.update(passes=tm["passes"], codes_per_pass=tm["codes_per_pass"])
+    return out
+
+
+# shown with every speculative figure
+ACCEPTANCE_NOTE = ("random weights: acceptance depends on the model's entropy, so these passes and codes per pass "
+                   "say little about a trained checkpoint; the time per pass does not depend on the weights")
 
 
 def hf_image_generation_config(tk, num_images: int, image_tokens: int):
@@ -504,6 +518,29 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
             sc["batch_rule"] = why
         scenarios.append(sc)
         pending.append((sc, "t2i"))
+        if cfg.speculative is not None:
+            t2i_spec(sc, cfg.speculative)
+
+    def t2i_spec(plain: dict, window: int) -> None:
+        """The same requests (prompts, seeds) with speculative decoding, against the plain row of this run."""
+        _reset_peak(device)
+        n = plain["num_images"]
+        name = f"{plain['name']}[spec{window}]"
+        rows = runner.repeat(name, lambda i: _fj_t2i(pipe, n, *_t2i_inputs(cfg, i), window=window), cfg.repeats,
+                             plain["median_s"])
+        sc = _scenario(name, n, [r["total_s"] for r in rows],
+                       breakdown={k: _median(rows, k) for k in ("prefill_s", "decode_s", "vq_decode_s")},
+                       prompt_len=plain["prompt_len"], peak_mem_bytes=_peak(device))
+        passes = _median(rows, "passes")
+        # a pass reads what a step reads (weights + KV) plus the window's few rows: the step's bytes are its floor
+        decode_roof(sc, sc["breakdown"]["decode_s"] / passes, plain["bytes_per_step"])
+        sc["speculative"] = {"window": window, "passes": passes, "codes_per_pass": _median(rows, "codes_per_pass"),
+                             "pass_vs_step": sc["decode_step_ms"] / plain["decode_step_ms"],
+                             "speedup_vs_plain": plain["median_s"] / sc["median_s"], "note": ACCEPTANCE_NOTE}
+        if "images_per_s" in plain:
+            sc["images_per_s"] = n / sc["median_s"]
+            sc["batch_rule"] = plain["batch_rule"]
+        scenarios.append(sc)
 
     def compute_bound(name: str, make_input, fn, flops: int | None = None) -> int:
         """One image through fn (SigLIP or the VQ decoder), against the measured matmul throughput. flops: the
@@ -715,6 +752,11 @@ def format_table(rep: dict) -> str:
                          f"VQ decode {_fmt_s(bd['vq_decode_s'])}")
         if "images_per_s" in s:
             extra.append(f"{s['images_per_s']:.2f} images/s ({s['batch_rule']})")
+        if "speculative" in s:
+            sp = s["speculative"]
+            extra.append(f"window {sp['window']}: {sp['passes']:.0f} passes, {sp['codes_per_pass']:.2f} codes/pass "
+                         f"per image*; a pass {sp['pass_vs_step']:.2f}x a plain step; {sp['speedup_vs_plain']:.2f}x "
+                         "the plain row")
         if "tokens_per_s" in s:
             extra.append(f"{s['tokens_per_s']:.1f} decode tokens/s (after the first token)")
         if "tflops" in s:
@@ -723,6 +765,8 @@ def format_table(rep: dict) -> str:
             lines.append(" " * 19 + "; ".join(extra))
     lines.append("roof: decode steps = achieved GB/s / copy bandwidth; siglip and vq-decode = TFLOP/s / matmul. "
                  "Baseline columns: its median and fastjanus's speed-up over it.")
+    if any("speculative" in s for s in rep["scenarios"]):
+        lines.append(f"[specW] rows: speculative decoding, step = one pass. *{ACCEPTANCE_NOTE}")
     sk = rep.get("step_kernels")
     if isinstance(sk, dict):
         lines.append("kernels per decode step: " + ", ".join(
@@ -758,7 +802,11 @@ def main(args) -> int:
                       max_rows=getattr(args, "max_rows", None), max_len=getattr(args, "max_len", None),
                       quantize=getattr(args, "quantize", None), quantize_heads=getattr(args, "quantize_heads", False),
                       kv_cache=getattr(args, "kv_cache", None), quality=getattr(args, "quality", False),
-                      engine=getattr(args, "engine", "torch"))
+                      engine=getattr(args, "engine", "torch"),
+                      speculative=(getattr(args, "window", None) or 16) if getattr(args, "speculative", False)
+                      else None)
+    if getattr(args, "window", None) is not None and not getattr(args, "speculative", False):
+        raise InputError("--window sets the draft codes per pass of --speculative; add --speculative or drop it")
     for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring
         if p:
             if Path(p).is_dir():

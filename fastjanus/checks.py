@@ -40,3 +40,14 @@ def check_count(name: str, value) -> None:
 def check_seed(seed) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
         raise InputError(f"{arg('seed')} must be an integer in [0, 2**63) (or left out), got {seed!r}")
+
+
+MAX_WINDOW = 64  # draft codes per pass: past ~32 a pass stops being memory-bound at any batch size
+
+
+def check_speculative(speculative, window) -> None:
+    if not isinstance(speculative, bool):
+        raise InputError(f"{arg('speculative')} must be True or False, got {speculative!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_WINDOW:
+        raise InputError(f"{arg('window')} must be an integer in [1, {MAX_WINDOW}] (draft codes per pass), got "
+                         f"{window!r}")

@@ -127,9 +127,11 @@ def _check_onnx_flags(args) -> None:
     """--engine onnx: the flags that only the torch engine reads are refused, and --onnx-dir is needed."""
     torch_only = [f for f, v in (("--device", args.device), ("--dtype", args.dtype), ("--backend", args.backend),
                                  ("--max-rows", args.max_rows), ("--max-len", args.max_len),
-                                 ("--kv-cache", args.kv_cache), ("--top-p", args.top_p)) if v is not None]
+                                 ("--kv-cache", args.kv_cache), ("--top-p", args.top_p),
+                                 ("--window", args.window)) if v is not None]
     torch_only += [f for f, v in (("--quantize-heads", args.quantize_heads),
-                                  ("--cuda-graphs", args.cuda_graphs != "auto")) if v]
+                                  ("--cuda-graphs", args.cuda_graphs != "auto"),
+                                  ("--speculative", args.speculative)) if v]
     if torch_only:
         raise InputError(f"{', '.join(torch_only)}: not used by --engine onnx (the graphs fix the dtype; ONNX Runtime "
                          "picks the provider); drop them, or use --engine torch")
@@ -175,21 +177,36 @@ def _generate_torch(args, path: Path, seed: int):
     t0 = time.perf_counter()
     codes = pipe.generate_image_tokens(args.prompt, num_images=args.num_images, cfg_weight=args.cfg,
                                        temperature=args.temperature, seed=seed, top_k=args.top_k,
-                                       top_p=args.top_p, progress=True)
+                                       top_p=args.top_p, progress=True, speculative=args.speculative,
+                                       window=_window(args))
     t1 = time.perf_counter()
     tm = dict(pipe.last_timings)
     images = pipe.decode_image_tokens(codes)
     t2 = time.perf_counter()
+    if args.speculative:  # acceptance depends on the model's entropy: random weights say little about trained ones
+        steps = (f"{tm['passes']} speculative passes of {tm['window']} ({tm['codes_per_pass']:.2f} codes/pass per "
+                 f"image) {tm['decode_s']:.2f} s")
+    else:
+        steps = f"{tm['steps']} steps {tm['decode_s']:.2f} s"
     return images, (f"{len(images)} image(s): tokens {t1 - t0:.2f} s (prefill {tm['prefill_s']:.3f} s, "
-                    f"{tm['steps']} steps {tm['decode_s']:.2f} s), VQ decode {t2 - t1:.2f} s, total {t2 - t0:.2f} s "
+                    f"{steps}), VQ decode {t2 - t1:.2f} s, total {t2 - t0:.2f} s "
                     f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}, seed {seed}]")
 
 
+def _window(args) -> int:
+    return 16 if args.window is None else args.window
+
+
 def cmd_generate(args) -> int:
-    from .engine.pipeline import check_count, check_sampling, check_seed, image_token_rows
+    from .engine.pipeline import check_count, check_sampling, check_seed, check_speculative, image_token_rows
     check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
     check_count("num_images", args.num_images)
     check_seed(args.seed)
+    if args.window is not None and not args.speculative:
+        raise InputError("--window sets the draft codes per pass of --speculative; add --speculative or drop it")
+    check_speculative(args.speculative, _window(args))
+    if args.speculative and args.kv_cache:
+        raise InputError(f"--speculative does not support --kv-cache {args.kv_cache} yet; drop one of them")
     if args.engine == "onnx":
         _check_onnx_flags(args)
     else:
@@ -464,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: the whole generation on ONNX Runtime from --onnx-dir (exported with --parts all; "
                         "--quantize int8 takes its int8 graphs); the tokenizer stays in Python")
+    g.add_argument("--speculative", action="store_true",
+                   help="speculative Jacobi decoding: several codes per LLM pass, the same distribution (the same "
+                        "codes when greedy); how many per pass depends on the model")
+    g.add_argument("--window", type=int, default=None, help="with --speculative: draft codes per pass (default 16)")
     g.set_defaults(fn=cmd_generate)
 
     u = sub.add_parser("understand", help="answer a question about an image", formatter_class=_Help,
@@ -542,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: also export SigLIP and the VQ decoder and time them on ONNX Runtime (rows "
                         "siglip[onnx], vq-decode[onnx] beside the torch ones)")
+    b.add_argument("--speculative", action="store_true",
+                   help="each image scenario also runs with speculative decoding (rows [specW]: passes, codes per "
+                        "pass, time per pass against a plain step)")
+    b.add_argument("--window", type=int, default=None, help="with --speculative: draft codes per pass (default 16)")
     b.add_argument("--baselines", default="torch-eager,transformers",
                    help="comma-separated: torch-eager, transformers, or none")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per scenario")

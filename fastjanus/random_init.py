@@ -215,9 +215,10 @@ def write_tokenizer_files(out: Path, arch: str, num_image_tokens: int, image_siz
 
 
 def init_random(arch: str, out: str | Path, fmt: str | None = None, seed: int = 0, progress: bool = False,
-                max_shard_bytes: int = 4 * 2 ** 30) -> Path:
-    """Write config.json, random weights and tokenizer/processor files for a preset into `out`."""
-    cfg = preset(arch)
+                max_shard_bytes: int = 4 * 2 ** 30, config: JanusConfig | None = None) -> Path:
+    """Write config.json, random weights and tokenizer/processor files for a preset into `out`. config: a
+    variant of the preset's config to write instead (test models: another codebook size, more layers)."""
+    cfg = preset(arch) if config is None else config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = fmt or DEFAULT_FORMAT[arch]

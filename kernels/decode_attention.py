@@ -223,6 +223,20 @@ def gpu_splits(batch_kv_heads: int, capacity: int, block_n: int, sms: int) -> in
     return max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(4 * sms, batch_kv_heads)))
 
 
+def check_layout(q, k_new, v_new, k_cache, v_cache, lengths, rope, B: int, D: int) -> None:
+    """The layout both attention launchers need: head dims contiguous, K and V alike, int32 lengths [B], and a
+    contiguous fp32 [P, 2, D/2] rope table (or None)."""
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        assert t.stride(-1) == 1, f"{name}: the head dim must be contiguous"
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must have the same strides"
+    assert k_new.stride() == v_new.stride(), "k_new and v_new must have the same strides"
+    assert lengths.shape == (B,) and lengths.dtype == torch.int32, f"lengths must be int32 [{B}]"
+    if rope is not None:
+        assert rope.dim() == 3 and rope.shape[1:] == (2, D // 2) and rope.dtype == torch.float32 \
+            and rope.is_contiguous(), f"rope must be a contiguous fp32 [P, 2, {D // 2}] table, got " \
+            f"{rope.dtype} {list(rope.shape)}"
+
+
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -262,15 +276,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
             "float8_e4m3fn caches need k_scale and v_scale"
         assert q.dtype == k_new.dtype == v_new.dtype == k_cache.dtype == v_cache.dtype, \
             "q, k/v and caches share a dtype"
-    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
-        assert t.stride(-1) == 1, f"{name}: the head dim must be contiguous"
-    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must have the same strides"
-    assert k_new.stride() == v_new.stride(), "k_new and v_new must have the same strides"
-    assert lengths.shape == (B,) and lengths.dtype == torch.int32, f"lengths must be int32 [{B}]"
-    if rope is not None:
-        assert rope.dim() == 3 and rope.shape[1:] == (2, D // 2) and rope.dtype == torch.float32 \
-            and rope.is_contiguous(), f"rope must be a contiguous fp32 [P, 2, {D // 2}] table, got " \
-            f"{rope.dtype} {list(rope.shape)}"
+    check_layout(q, k_new, v_new, k_cache, v_cache, lengths, rope, B, D)
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1

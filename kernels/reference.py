@@ -85,6 +85,37 @@ def decode_attention_ref(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tens
     return o[:, :, 0]
 
 
+def window_attention_ref(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
+                         sm_scale: float | None = None, bound: int | None = None) -> torch.Tensor:
+    """Same contract as `window_attention`: W new tokens per row, token j of row b at slot (and rotary position)
+    lengths[b] + j. q [W, B, H, D]; k_new, v_new [W, B, Hkv, D]; caches [B, Hkv, S, D]; lengths [B] → [W, B, H, D].
+
+    Rotates q and k_new at their positions (fp32, rounded once, as `rope_ref`; positions past the rope table
+    use its last row), writes k/v at slots lengths[b] + j (slots ≥ S are dropped), and lets token j attend over
+    slots 0..lengths[b] + j: the cached prefix and the window causally. Does not advance lengths (the caller
+    advances each row by the tokens it accepts). bound: as in `decode_attention_ref`, a host-side limit on
+    max(lengths) + W; keys beyond it are not read."""
+    W, B, H, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    pos = lengths.long()[None, :] + torch.arange(W, device=q.device)[:, None]  # [W, B]
+    if rope is not None:
+        p = pos.clamp(max=rope.shape[0] - 1).flatten()
+        q = rope_ref(q.flatten(0, 1), p, rope).view(W, B, H, D)
+        k_new = rope_ref(k_new.flatten(0, 1), p, rope).view(W, B, Hkv, D)
+    ok = pos < S
+    rows = torch.arange(B, device=q.device)[None, :].expand(W, B)
+    k_cache[rows[ok], :, pos[ok]] = k_new[ok]
+    v_cache[rows[ok], :, pos[ok]] = v_new[ok]
+    end = S if bound is None else min(bound, S)
+    mask = torch.arange(end, device=q.device)[None, None, :] <= pos.t()[:, :, None]  # [B, W, end]
+    with sdpa_kernel(_DECODE_SDPA):
+        o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end],
+                                           attn_mask=mask[:, None], scale=sm_scale,
+                                           enable_gqa=Hkv != H)  # [B, H, W, D]
+    return o.permute(2, 0, 1, 3)
+
+
 def vq_lookup_ref(codes: torch.Tensor, embedding: torch.Tensor, *, grid: int, conv_weight: torch.Tensor | None = None,
                   conv_bias: torch.Tensor | None = None) -> torch.Tensor:
     """codes [B, grid²] → [B, E, grid, grid] L2-normalised entries, or the 1×1 conv of them [B, C, grid, grid]."""

@@ -75,6 +75,9 @@ from fastjanus.kernels.reference import rope_table  # noqa: E402
 from fastjanus.kernels.rmsnorm import add_rmsnorm  # noqa: E402
 from fastjanus.kernels.skinny_gemm import skinny_gemm  # noqa: E402
 from fastjanus.kernels.vq_lookup import vq_lookup  # noqa: E402
+from fastjanus.kernels.window_attention import window_attention  # noqa: E402
+from fastjanus.engine.speculative import SpecNoise, SpecState  # noqa: E402
+from fastjanus.kernels.spec_verify import spec_verify  # noqa: E402
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     for B, H, Hkv, D in [(32, 32, 32, 128), (2, 16, 16, 128), (3, 12, 4, 64)]:
@@ -119,6 +122,32 @@ for dtype in (torch.bfloat16, torch.float16):
                              f8(B, Hkv, S, D), f8(B, Hkv, S, D), torch.zeros(B, dtype=torch.int32),
                              rope=rope_table(16384, D, 10000.0), num_splits=splits, k_scale=ks, v_scale=vs)
 CASE = None
+
+# Window attention (speculative Jacobi decoding), the pass's call: W = 16 tokens of 2 rows as views of one fused
+# QKV output, the rotary from the table, bf16, at Pro-1B's (16 heads of 128) and Pro-7B's (32) shapes (no GQA);
+# one split (the output directly) and eleven (partials, then the merge)
+for H in (16, 32):
+    W, B, D, S = 16, 2, 128, 701
+    r = lambda *s: torch.randn(*s).to(torch.bfloat16)  # noqa: E731
+    for splits in (1, 11):
+        q, kn, vn = r(W, B, 3 * H * D).split((H * D, H * D, H * D), dim=-1)
+        window_attention(q.unflatten(-1, (H, D)), kn.unflatten(-1, (H, D)), vn.unflatten(-1, (H, D)),
+                         r(B, H, S, D), r(B, H, S, D), torch.zeros(B, dtype=torch.int32),
+                         rope=rope_table(16384, D, 10000.0), num_splits=splits)
+
+# The speculative verify step (kernels/spec_verify.py): 16 images × a 16-code window at the image vocabulary, bf16
+# logits, without and with top-k (threshold masks), Philox and the tests' explicit noise (NOISE switches the loads)
+N, W, V = 16, 16, 16384
+st = SpecState(N, W, 576, "cpu")
+for top_k in (None, 100):
+    for noise in (None, SpecNoise.draw(N, W, V, None, "cpu")):
+        spec_verify(torch.randn(W * 2 * N, V).to(torch.bfloat16),
+                    prev_logits=torch.randn(W * 2 * N, V).to(torch.bfloat16), cfg_weight=torch.tensor([5.0]),
+                    temperature=torch.tensor([1.0]), seed=torch.tensor([1]),
+                    pass_count=torch.zeros(1, dtype=torch.int64), top_k=top_k, codes=st.codes, done=st.done,
+                    drafts=st.drafts, q_row=st.q_row, tokens=st.tokens,
+                    lengths=torch.zeros(2 * N, dtype=torch.int32), passes=st.passes, lse=torch.zeros(N, W),
+                    prev_lse=torch.zeros(N, W), thr=torch.zeros(W * N), prev_thr=torch.zeros(W * N), noise=noise)
 
 # The skinny GEMM (bf16 and fp32: fp16 takes bf16's path), Pro-1B's decode GEMMs (D 2048, I 5632): plain on the
 # QKV and down shapes, silu_mul on gate_up; one split (one launch) and three (partials + reduce); 2 rows, and

@@ -22,6 +22,8 @@ def dry(tmp_path_factory):
     return rc, out, lines
 
 
+# The dry run takes about 50 s on 2 cores: it runs in .ci/run's slow step, outside the default suite's 10 minutes
+@pytest.mark.slow
 def test_dry_run_end_to_end(dry):
     rc, out, lines = dry
     assert rc == 0, "\n".join(lines)
@@ -63,6 +65,7 @@ def test_dry_run_end_to_end(dry):
         assert re.search(rf"^{re.escape(name)}\s+ok\s", "\n".join(table), re.M), (name, table)
 
 
+@pytest.mark.slow
 def test_the_table_reads_the_dry_run(dry):
     from fastjanus.bench.table import table
     _, out, _ = dry
@@ -106,6 +109,12 @@ def test_plans_stay_within_what_a_device_run_returns(tmp_path):
     assert [s.name for s in steps] == ["checkpoint-janus-pro-7b", "bench-janus-pro-7b-int8", "bench-janus-pro-7b-fp8"]
     cmd = " ".join(steps[2].cmd)
     assert "--quantize fp8 --kv-cache fp8 --quality" in cmd and "--scenario t2i-16" in cmd and steps[2].needs
+    # spec per arch: the pass-vs-step JSON and the end-to-end bench with --speculative
+    assert files(["spec"], ["janus-pro-1b", "janus-pro-7b"]) == 6
+    steps = gp.plan_steps(tmp_path, tmp_path, "x", "t", ["spec"], ["janus-pro-1b"], dry_run=False)
+    assert [s.name for s in steps] == ["checkpoint-janus-pro-1b", "spec-pass-janus-pro-1b", "bench-spec-janus-pro-1b"]
+    assert "--rows 2,32 --windows 8,16,32" in " ".join(steps[1].cmd) and steps[1].needs
+    assert "--speculative --window 16" in " ".join(steps[2].cmd) and steps[2].time_limit_flag
 
 
 def test_refusals(tmp_path, capsys):

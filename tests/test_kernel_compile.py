@@ -24,11 +24,15 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert set(report["compiled"]) == {"_decode_attention_split_kernel", "_decode_attention_merge_kernel",
                                        "_cfg_sample_tile_kernel", "_cfg_sample_merge_kernel",
                                        "_topk_threshold_kernel", "_vq_lookup_kernel", "_add_rmsnorm_kernel",
-                                       "_silu_mul_kernel", "_skinny_gemm_kernel", "_skinny_gemm_reduce_kernel"}
-    assert not {"_cfg_sample_tile_kernel", "_topk_threshold_kernel"} & set(report["fma_in"])
+                                       "_silu_mul_kernel", "_skinny_gemm_kernel", "_skinny_gemm_reduce_kernel",
+                                       "_window_append_kernel", "_window_attention_kernel", "_window_merge_kernel",
+                                       "_spec_rows_kernel", "_spec_accept_kernel"}
+    assert not {"_cfg_sample_tile_kernel", "_topk_threshold_kernel", "_spec_rows_kernel",
+                "_spec_accept_kernel"} & set(report["fma_in"])
     # tl.dot stages K/V tiles through shared memory: stay within the smallest per-block limit of the GPUs a user
     # may have (99 KiB on sm_86/sm_89; the H100 allows 227 KiB)
     assert report["shared"]["_decode_attention_split_kernel"] <= 99 * 1024, report["shared"]
+    assert report["shared"]["_window_attention_kernel"] <= 99 * 1024, report["shared"]  # also a q tile of 16 rows
     # the skinny GEMM stages weight and activation tiles the same way (96 KiB at 64 rows with silu_mul's two
     # weight tiles, the largest it launches)
     assert report["shared"]["_skinny_gemm_kernel"] <= 99 * 1024, report["shared"]

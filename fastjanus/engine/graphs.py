@@ -21,9 +21,11 @@ import time
 import torch
 
 from ..models.llama import KVCache
-from .memory import MemoryPlan
+from ..errors import InputError, arg
+from .memory import MemoryPlan, decode_workspace_bytes
 from .runner import ModelRunner
 from .sampling import KernelSampler
+from .speculative import SpecState
 
 TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
 
@@ -50,28 +52,20 @@ class KVPool:
         return KVCache.from_buffers(self.k[:n].view(shape), self.v[:n].view(shape), lengths, self.scales)
 
 
-class StaticDecoder:
-    """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
+class _Graphed:
+    """A step over static buffers, run eagerly or captured once as a CUDA Graph and replayed. Subclasses define
+    step() (touching only their buffers and the weights) and _reset_for_warmup()."""
 
-    def __init__(self, runner: ModelRunner, pool: KVPool, rows: int, capacity: int, paired: bool,
-                 top_k: int | None, history: int, use_graph: bool, graph_pool=None, side_stream=None):
-        self.runner, self.device, self.rows, self.paired = runner, runner.device, rows, paired
-        self.cache = pool.cache(rows, capacity)
-        n = rows // 2 if paired else rows
-        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, runner.device)
+    def __init__(self, runner: ModelRunner, use_graph: bool, graph_pool, side_stream):
+        self.runner, self.device = runner, runner.device
         self.use_graph, self.graph_pool, self.graph, self.side_stream = use_graph, graph_pool, None, side_stream
         self.compiled = False
 
-    # the step: everything it touches is a buffer of this object (or the model's weights)
     def step(self) -> None:
-        logits = self.runner.decode(self.sampler.rows, self.cache, self.paired)  # [R, V]; lengths += 1 on the device
-        self.sampler(logits)  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
+        raise NotImplementedError
 
     def _reset_for_warmup(self) -> None:
-        self.cache.lengths.zero_()
-        self.sampler.step.zero_()
-        self.sampler.rows.zero_()  # torch.empty garbage would index the embedding out of bounds
-        self.sampler.out.zero_()
+        raise NotImplementedError
 
     def _capture(self) -> None:
         """Eager warm-up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then capture.
@@ -106,6 +100,36 @@ class StaticDecoder:
                 self.step()
             self.compiled = True
 
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+
+
+class StaticDecoder(_Graphed):
+    """Decode state of one bucket (rows, capacity, paired or not, top_k) and its step, optionally graphed."""
+
+    def __init__(self, runner: ModelRunner, pool: KVPool, rows: int, capacity: int, paired: bool,
+                 top_k: int | None, history: int, use_graph: bool, graph_pool=None, side_stream=None):
+        super().__init__(runner, use_graph, graph_pool, side_stream)
+        self.rows, self.paired = rows, paired
+        self.cache = pool.cache(rows, capacity)
+        n = rows // 2 if paired else rows
+        self.sampler = KernelSampler(n, history, 1.0, 1.0, 0, top_k, paired, runner.device)
+
+    # the step: everything it touches is a buffer of this object (or the model's weights)
+    def step(self) -> None:
+        logits = self.runner.decode(self.sampler.rows, self.cache, self.paired)  # [R, V]; lengths += 1 on the device
+        self.sampler(logits)  # writes sampler.out / rows / codes[:, step]; step += 1 on the device
+
+    def _reset_for_warmup(self) -> None:
+        self.cache.lengths.zero_()
+        self.sampler.step.zero_()
+        self.sampler.rows.zero_()  # torch.empty garbage would index the embedding out of bounds
+        self.sampler.out.zero_()
+
     def start(self, h: torch.Tensor, cfg_weight: float | None, temperature: float, seed: int) -> None:
         """After the prefill (which filled the first h.shape[0] rows of self.cache and their lengths): reset
         the padded rows and the sampler, then sample the first token from h [R_real, D] eagerly."""
@@ -120,12 +144,63 @@ class StaticDecoder:
         hh[:r] = h
         sp(self.runner.head(hh, self.paired))
 
-    def run(self, steps: int) -> None:
-        for _ in range(steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
+
+class SpecDecoder(_Graphed):
+    """Speculative decode state of one image bucket and window (engine/speculative.py): the KV view, the
+    SpecState buffers, the previous pass's logits/lse/top-k thresholds (the q's), and one pass = the window
+    forward + the fused verify (`kernels.spec_verify`), optionally graphed. Padded images start done, so they
+    accept nothing and never hold the loop."""
+
+    def __init__(self, runner: ModelRunner, pool: KVPool, rows: int, capacity: int, window: int, top_k: int | None,
+                 n_tok: int, use_graph: bool, graph_pool=None, side_stream=None):
+        super().__init__(runner, use_graph, graph_pool, side_stream)
+        from ..kernels.cfg_sample import cfg_sample
+        from ..kernels.spec_verify import spec_verify
+        self._cfg_sample, self._spec_verify = cfg_sample, spec_verify
+        dev, n = runner.device, rows // 2
+        self.rows, self.window, self.top_k, self.n_tok = rows, window, top_k, n_tok
+        self.cache = pool.cache(rows, capacity)
+        self.st = SpecState(n, window, n_tok, dev)
+        V = runner.cfg.vq.codebook_size
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.prev_logits = torch.zeros(window * rows, V, dtype=runner.dtype, device=dev)
+        self.lse, self.prev_lse = torch.zeros(n, window, **f32), torch.zeros(n, window, **f32)
+        self.thr, self.prev_thr = torch.zeros(window * n, **f32), torch.zeros(window * n, **f32)
+        self.cfg_weight, self.temperature = torch.ones(1, **f32), torch.ones(1, **f32)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.pass_count = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.first = torch.zeros(n, dtype=torch.int64, device=dev)
+
+    def step(self) -> None:  # one pass
+        st = self.st
+        logits = self.runner.window(st.tokens, self.cache, self.window)  # [W·R, V]; writes the window's K/V
+        self._spec_verify(logits, prev_logits=self.prev_logits, cfg_weight=self.cfg_weight,
+                          temperature=self.temperature, seed=self.seed, pass_count=self.pass_count, top_k=self.top_k,
+                          codes=st.codes, done=st.done, drafts=st.drafts, q_row=st.q_row, tokens=st.tokens,
+                          lengths=self.cache.lengths, passes=st.passes, lse=self.lse, prev_lse=self.prev_lse,
+                          thr=self.thr, prev_thr=self.prev_thr)
+
+    def _reset_for_warmup(self) -> None:
+        self.cache.lengths.zero_()
+        self.st.start(self.first.zero_(), torch.zeros_like(self.st.drafts))
+
+    def start(self, h: torch.Tensor, n_real: int, cfg_weight: float, temperature: float, seed: int) -> None:
+        """After the prefill of the first 2·n_real rows: the first code of each image from h [2·n_real, D] by the
+        ordinary fused sampler (step 0 of the same Philox stream family), random drafts, padded images done."""
+        r = h.shape[0]
+        self.cache.lengths[r:] = 0
+        self.cfg_weight.fill_(cfg_weight)
+        self.temperature.fill_(temperature)
+        self.seed.fill_(seed)
+        self.pass_count.zero_()
+        hh = torch.zeros(self.rows, h.shape[1], device=h.device, dtype=h.dtype)
+        hh[:r] = h
+        self._cfg_sample(self.runner.head(hh, True), cfg_weight=self.cfg_weight, temperature=self.temperature,
+                         seed=self.seed, step=0, top_k=self.top_k, paired=True, out=self.first)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        V = self.prev_logits.shape[1]
+        self.st.start(self.first, torch.randint(0, V, self.st.drafts.shape, generator=gen, device=self.device))
+        self.st.done[n_real:] = self.n_tok
 
 
 class DecodeRuntime:
@@ -214,6 +289,67 @@ class DecodeRuntime:
         if bar is not None:
             bar.close()
         return codes
+
+    def spec_decoder(self, rows: int, capacity: int, window: int, top_k) -> SpecDecoder:
+        """The speculative state of a bucket, per window and top_k (each a graph of its own); not made by
+        warmup(): the first speculative request of each (bucket, window, top_k) captures it."""
+        key = ("spec", rows, capacity, window, top_k)
+        d = self.decoders.get(key)
+        if d is None:
+            d = SpecDecoder(self.runner, self.pool, rows, capacity, window, top_k, self.plan.image_tokens,
+                            self.use_graphs, self.graph_pool, self.side_stream)
+            self.decoders[key] = d
+        return d
+
+    def spec_image_codes(self, rows_tokens: list[list[int]], cfg_weight: float, temperature: float, seed: int,
+                         top_k, window: int, callback=None, timings: dict | None = None,
+                         progress: bool = False) -> tuple[torch.Tensor, SpecState, int]:
+        """Speculative decoding (engine/speculative.py) of the interleaved cond/uncond rows: (codes [N, image_tokens]
+        (a view of the bucket's static state: copy it), the state, the passes run). The host looks at the
+        device only between runs of passes, each run as long as the remaining codes allow for sure (a pass
+        accepts at most W codes per image), or shorter to reach the next grid row for a callback."""
+        runner, n_tok = self.runner, self.plan.image_tokens
+        R, T = len(rows_tokens), max(len(r) for r in rows_tokens)
+        bucket, cap = self.plan.image_bucket(R, T, extra=window)
+        # A pass carries W·rows tokens through the layers: its transient memory must fit what the plan keeps back
+        need = decode_workspace_bytes(runner.cfg, window * bucket)
+        if need > self.plan.reserve_bytes:
+            raise InputError(f"{arg('window')} {window} with {bucket // 2} image(s) needs about "
+                             f"{need / 2 ** 30:.2f} GiB of activations per pass, more than the "
+                             f"{self.plan.reserve_bytes / 2 ** 30:.2f} GiB the memory plan keeps back for them; use a "
+                             f"smaller {arg('window')} or fewer images per call")
+        d = self.spec_decoder(bucket, cap, window, top_k)
+        d.ensure_graph()
+        h, _ = runner.prefill(rows_tokens, d.cache)  # [R, D]: fills cache rows 0..R−1
+        d.start(h, R // 2, cfg_weight, temperature, seed)
+        if timings is not None:
+            runner.sync()
+            timings["prefill_end"] = time.perf_counter()
+        every, n = runner.cfg.vq.grid, R // 2
+        done = d.st.done[:n]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
+        lo, passes, shown = 1, 0, 0  # lo: codes every image has (known on the host)
+        while lo < n_tok:
+            # The fewest passes that can finish (or reach the next grid row): never a pass after the last needed
+            target = n_tok if callback is None and bar is None else min(n_tok, (lo // every + 1) * every)
+            k = -(-(target - lo) // window)
+            if passes:  # and half the passes the slowest image's rate so far predicts: ~log2(576) syncs, not ~100
+                k = max(k, (target - lo) * passes // max(lo - 1, 1) // 2)
+            d.run(k)
+            passes += k
+            new_lo = int(done.min())  # the host sync
+            if bar is not None:
+                bar.update(new_lo - lo)
+            lo = new_lo
+            while callback is not None and shown < lo // every:
+                callback(shown, d.st.codes[:n, :every * (shown + 1)].to("cpu", copy=True))
+                shown += 1
+        if bar is not None:
+            bar.close()
+        return d.st.codes[:n], d.st, passes
 
     def kv_cache(self, rows: int, capacity: int) -> KVCache:
         """A cache over the pool for the eager loops (top_p), so they stay inside the memory plan too."""

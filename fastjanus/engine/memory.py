@@ -131,15 +131,17 @@ class MemoryPlan:
         out.append(self.max_rows)
         return [r for r in out if self.capacity(r) >= self.image_tokens + 1]
 
-    def image_bucket(self, rows: int, prompt_len: int) -> tuple[int, int]:
+    def image_bucket(self, rows: int, prompt_len: int, extra: int = 0) -> tuple[int, int]:
         """(bucket rows, capacity) for an image request of `rows` rows (2 per image) and the longest prompt,
-        or an InputError that says what fits."""
-        need = prompt_len + self.image_tokens
+        or an InputError that says what fits. extra: slots of room past the image (a speculative pass writes
+        its whole window)."""
+        need = prompt_len + self.image_tokens + extra
         for r in self.buckets:
             if r >= rows and self.capacity(r) >= need:
                 return r, self.capacity(r)
         fit_images = max((r // 2 for r in self.buckets if self.capacity(r) >= need), default=0)
-        fit_prompt = max((self.capacity(r) - self.image_tokens for r in self.buckets if r >= rows), default=None)
+        fit_prompt = max((self.capacity(r) - self.image_tokens - extra for r in self.buckets if r >= rows),
+                         default=None)
         msg = (f"{rows // 2} image(s) with a {prompt_len}-token prompt need {rows} rows x {need} KV slots = "
                f"{_fmt(rows * need * self.kv_bytes_per_token)} of KV cache; the memory plan ({self.source}) has a "
                f"{_fmt(self.pool_bytes)} pool of up to {self.max_rows} rows x {self.max_len} slots")

@@ -13,7 +13,8 @@ from PIL import Image
 
 from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
-from ..checks import check_count, check_sampling, check_seed, check_top_k  # noqa: F401 (the CLI imports them here)
+from ..checks import (check_count, check_sampling, check_seed, check_speculative,  # noqa: F401 (the CLI imports
+                      check_top_k)  # them from here)
 from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path_of, setting
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
@@ -23,7 +24,8 @@ from ..tokenizer import JanusTokenizer
 from .graphs import DecodeRuntime
 from .memory import MemoryPlan, check_plan_overrides, plan_memory
 from .runner import ModelRunner
-from .sampling import KernelSampler, TorchSampler, cfg_mix
+from .sampling import KernelSampler, TorchSampler, cfg_mix, sample
+from .speculative import SpecNoise, SpecState, verify_ref
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -312,19 +314,31 @@ class JanusPipeline:
     @torch.inference_mode()
     def generate_image_tokens(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                               seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                              progress: bool = False, callback=None) -> torch.LongTensor:
+                              progress: bool = False, callback=None, speculative: bool = False,
+                              window: int = 16) -> torch.LongTensor:
         """Image codes [N, 576] (row-major 24×24 grid), N = len(prompts) × num_images, in prompt order.
 
         callback(row, codes): called after each completed row of the code grid (every 24 codes for the
         published models) with the codes so far [N, 24·(row+1)] on the CPU, for progressive previews. It
-        costs one host copy per call; without it the loop never waits for the host."""
+        costs one host copy per call; without it the loop never waits for the host.
+
+        speculative=True: speculative Jacobi decoding (engine/speculative.py) with `window` draft codes per
+        pass: the same distribution of codes (the same codes when greedy) in fewer LLM passes, how many fewer
+        depending on the model's entropy. last_timings then has "passes" and "codes_per_pass"."""
         check_sampling(temperature, top_k, top_p, cfg_weight)
+        check_speculative(speculative, window)
+        if speculative and self.kv_cache == "fp8":
+            raise InputError(f"{arg('speculative')} does not support the fp8 KV cache yet; load without "
+                             f"{arg('kv_cache')} or generate without {arg('speculative')}")
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be callable or None, got {type(callback).__name__}")
         callback = self._guard(callback)
         seed = self._seed(seed)
         n_tok = self.cfg.num_image_tokens
         t0 = time.perf_counter()
+        if speculative:
+            return self._speculative_codes(prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, window,
+                                           progress, callback, t0)
         if self.runtime is not None and top_p is None:
             rows = self._image_rows(prompt, num_images)
             marks: dict[str, float] = {}
@@ -354,6 +368,61 @@ class JanusPipeline:
         t2 = time.perf_counter()
         self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False,
                              "seed": seed}
+        return out
+
+    def _speculative_codes(self, prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, window, progress,
+                           callback, t0) -> torch.LongTensor:
+        """Speculative decoding: the static runtime's loop (fused verify, CUDA Graphs, few host syncs), or with the
+        torch backend or top_p the eager loop here (the reference verify, one host sync per pass)."""
+        rows = self._image_rows(prompt, num_images)
+        if self.runtime is not None and top_p is None:
+            marks: dict[str, float] = {}
+            codes, st, passes = self.runtime.spec_image_codes(rows, cfg_weight, temperature, seed, top_k, window,
+                                                              callback, marks, progress)
+            codes = codes.to("cpu", copy=True)
+            t2 = time.perf_counter()
+            self.last_timings = {"prefill_s": marks["prefill_end"] - t0, "decode_s": t2 - marks["prefill_end"],
+                                 "steps": self.cfg.num_image_tokens, "cuda_graphs": self.cuda_graphs, "seed": seed,
+                                 **spec_stats(st, passes, len(rows) // 2)}
+            return codes
+        R, T = len(rows), max(len(r) for r in rows)
+        n_tok, N, grid = self.cfg.num_image_tokens, len(rows) // 2, self.cfg.vq.grid
+        if self.runtime is not None:
+            cache = self.runtime.kv_cache(R, self.memory_plan.image_bucket(R, T, extra=window)[1])
+        else:
+            cache = self.runner.new_cache(R, T + n_tok + window)
+        h, _ = self.runner.prefill(rows, cache)
+        self._sync()
+        t1 = time.perf_counter()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        first = sample(cfg_mix(self.runner.head(h, paired=True), cfg_weight), temperature, gen, top_k, top_p)  # [N]
+        V = self.cfg.vq.codebook_size
+        st = SpecState(N, window, n_tok, self.device)
+        st.start(first, torch.randint(0, V, (N, window), generator=gen, device=self.device))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
+        passes, shown, lo = 0, 0, 1  # shown: grid rows handed to the callback; lo: codes done by every image
+        while lo < n_tok:
+            bound = int(cache.lengths.max()) + window
+            logits = self.runner.window(st.tokens, cache, window, bound=bound)  # [W·2N, V]
+            verify_ref(st, logits, cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p,
+                       noise=SpecNoise.draw(N, window, V, gen, self.device), lengths=cache.lengths)
+            passes += 1
+            new_lo = int(st.done.min())  # the pass's host sync
+            if bar is not None:
+                bar.update(new_lo - lo)
+            lo = new_lo
+            while callback is not None and shown < lo // grid:
+                callback(shown, st.codes[:, :grid * (shown + 1)].to("cpu", copy=True))
+                shown += 1
+        if bar is not None:
+            bar.close()
+        out = st.codes.cpu()
+        t2 = time.perf_counter()
+        self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False,
+                             "seed": seed, **spec_stats(st, passes)}
         return out
 
     def _sampler(self, n: int, steps: int, cfg_weight, temperature, seed: int, top_k, top_p, paired: bool):
@@ -420,10 +489,11 @@ class JanusPipeline:
     @_serialised
     def generate_images(self, prompt, num_images: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
                         seed: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                        progress: bool = False, callback=None):
-        """List of PIL images (384×384 for the published models), len(prompts) × num_images, in prompt order."""
+                        progress: bool = False, callback=None, speculative: bool = False, window: int = 16):
+        """List of PIL images (384×384 for the published models), len(prompts) × num_images, in prompt order.
+        speculative, window: see generate_image_tokens."""
         codes = self.generate_image_tokens(prompt, num_images, cfg_weight, temperature, seed, top_k, top_p, progress,
-                                           callback)
+                                           callback, speculative, window)
         return self.decode_image_tokens(codes)
 
     @_serialised
@@ -532,6 +602,16 @@ class JanusPipeline:
         if ts is not None:
             ts.finish(text)
         return text
+
+
+def spec_stats(st: SpecState, passes: int, n: int | None = None) -> dict:
+    """What a speculative request reports: the passes the loop ran (what costs time) and the codes each of the
+    first n images (the real ones) accepted per pass it took part in (the first code comes from the prefill, so
+    (codes − 1) / passes). On random weights these say little about a trained checkpoint: acceptance depends on
+    the model's entropy."""
+    per_image = (st.n_tok - 1) / st.passes[:n].clamp(min=1).double()
+    return {"speculative": True, "window": st.window, "passes": passes,
+            "codes_per_pass": float(per_image.mean())}
 
 
 def _vq_processor(proc, size):

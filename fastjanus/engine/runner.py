@@ -45,6 +45,14 @@ class ModelRunner:
         h = self.model.llm.decode(x, cache, self.backend, bound)  # [R, D]
         return self.head(h, paired)
 
+    def window(self, tokens: torch.Tensor, cache: KVCache, window: int, bound: int | None = None) -> torch.Tensor:
+        """A speculative pass over paired image rows: tokens [W·R] window-major (row j·R + r is token j of row r,
+        at slot lengths[r] + j) → logits [W·R, V]. Writes the window's K/V, leaves cache.lengths alone (the
+        verify step advances each row by what it accepts). Reads no host value (graph-capturable)."""
+        x = self.embed(tokens, True)  # [W·R, D]
+        h = self.model.llm.window(x, cache, window, self.backend, bound)  # [W·R, D]
+        return self.head(h, True)
+
     # ------------------------------------------------------------------------------------ prefill
     def prefill(self, rows: list[list[int]], cache: KVCache, image_embeds: torch.Tensor | None = None,
                 keep_all: bool = False):

@@ -136,6 +136,9 @@ class DecodeOps:
     linear_silu_mul: Callable  # (x [B, D], gate_up weight [2I, D], scale [2I] | None) → silu(gate) · up [B, I]
     # (q, k_new, v_new, k_cache, v_cache, lengths, *, rope, [k_scale, v_scale]) → [B, H, hd]; appends k/v
     attention: Callable
+    # the same for W tokens per row (speculative decoding): q [W, B, H, hd] → [W, B, H, hd], token j at slot
+    # lengths[b] + j, causal inside the window; writes the window's k/v, does not advance lengths
+    window_attention: Callable
 
 
 def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
@@ -145,10 +148,12 @@ def decode_ops(backend: str, bound: int | None = None) -> DecodeOps:
         from ..kernels import gemm_table
         from ..kernels.decode_attention import decode_attention
         from ..kernels.rmsnorm import add_rmsnorm
+        from ..kernels.window_attention import window_attention
         # GEMMs: cuBLAS, or the Triton skinny GEMM where a committed GPU measurement says it is faster
-        return DecodeOps(add_rmsnorm, gemm_table.linear, gemm_table.linear_silu_mul, decode_attention)
+        return DecodeOps(add_rmsnorm, gemm_table.linear, gemm_table.linear_silu_mul, decode_attention,
+                         window_attention)
     return DecodeOps(ref.add_rmsnorm_ref, qlinear, lambda x, w, s=None: ref.silu_mul_ref(qlinear(x, w, s)),
-                     partial(ref.decode_attention_ref, bound=bound))
+                     partial(ref.decode_attention_ref, bound=bound), partial(ref.window_attention_ref, bound=bound))
 
 
 def _fuse_linears(parts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,6 +231,14 @@ class Attention(nn.Module):
         o = ops.attention(q, k, v, k_cache, v_cache, lengths, rope=rope, **kv_scales)  # [B, H, hd]
         return ops.linear(o.reshape(B, -1), self.o_proj.weight, weight_scale(self.o_proj))
 
+    def window(self, x, k_cache, v_cache, lengths, rope, ops: DecodeOps, window: int):
+        """x [W·B, D], window-major (row j·B + b is token j of row b, at slot lengths[b] + j): causal over the
+        row's cache and the window before it; writes the window's K/V (see DecodeOps.window_attention)."""
+        q, k, v = self._qkv(x, ops.linear)  # [W·B, H, hd], [W·B, Hkv, hd] ×2
+        q, k, v = (t.unflatten(0, (window, -1)) for t in (q, k, v))  # [W, B, ·, hd]
+        o = ops.window_attention(q, k, v, k_cache, v_cache, lengths, rope=rope)  # [W, B, H, hd]
+        return ops.linear(o.reshape(x.shape[0], -1), self.o_proj.weight, weight_scale(self.o_proj))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -300,18 +313,35 @@ class LlamaModel(nn.Module):
 
         bound (torch backend): see decode_ops. Requires lengths < max_len (the caller's plan)."""
         ops = decode_ops(backend, bound)
+        h = self._layers(x, ops, lambda i, attn, h: attn.decode(h, cache.k[i], cache.v[i], cache.lengths, self.rope,
+                                                                 ops, **cache.layer_scales(i)))
+        cache.lengths += 1
+        return h
+
+    def window(self, x: torch.Tensor, cache: KVCache, window: int, backend: str = "torch",
+               bound: int | None = None) -> torch.Tensor:
+        """x [W·B, D], W tokens per row, window-major (speculative decoding) → normed hidden [W·B, D]. Token j of
+        row b sits at slot lengths[b] + j; writes the window's K/V there but leaves cache.lengths alone: the
+        caller advances each row by the tokens it accepts. Requires lengths + W <= max_len (slots past it are
+        dropped). bound: as in decode, a host-side limit on max(lengths) + W. No fp8 cache."""
+        assert cache.k_scale is None, "the window pass does not support an fp8 KV cache"
+        ops = decode_ops(backend, bound)
+        return self._layers(x, ops, lambda i, attn, h: attn.window(h, cache.k[i], cache.v[i], cache.lengths,
+                                                                   self.rope, ops, window))
+
+    def _layers(self, x: torch.Tensor, ops: DecodeOps, attend) -> torch.Tensor:
+        """The decoder stack over rows x [M, D] with attend(i, layer.self_attn, normed [M, D]) → [M, D]; x becomes
+        the residual stream, updated in place."""
         eps, layers = self.cfg.rms_norm_eps, self.layers
-        residual = x  # [B, D]
+        residual = x  # [M, D]
         h = ops.add_rmsnorm(x, weight=layers[0].input_layernorm.weight, eps=eps)
         for i, layer in enumerate(layers):
-            a = layer.self_attn.decode(h, cache.k[i], cache.v[i], cache.lengths, self.rope, ops,
-                                       **cache.layer_scales(i))  # [B, D]
+            a = attend(i, layer.self_attn, h)  # [M, D]
             h = ops.add_rmsnorm(a, weight=layer.post_attention_layernorm.weight, eps=eps, residual=residual)
             m = layer.mlp.decode(h, ops)
             # the next layer's input norm, or the final norm after the last layer, fused with this residual add
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             h = ops.add_rmsnorm(m, weight=nxt.weight, eps=eps, residual=residual)
-        cache.lengths += 1
         return h
 
 
