@@ -113,6 +113,9 @@ class BenchConfig:
                 raise InputError(f"{arg(name)} must be an integer >= 1 (or left out), got {v!r}")
         if self.speculative is not None:
             check_speculative(True, self.speculative)
+            if self.kv_cache is not None:
+                raise InputError(f"{arg('speculative')} does not support {arg('kv_cache')} {self.kv_cache} yet; drop "
+                                 "one of them")
         if self.time_limit is not None and (not isinstance(self.time_limit, (int, float)) or
                                             isinstance(self.time_limit, bool) or not self.time_limit > 0):
             raise InputError(f"{arg('time_limit')} must be a number of seconds > 0, got {self.time_limit!r}")
@@ -257,7 +260,7 @@ def _fj_t2i(pipe, n: int, prompt: str, seed: int, window: int | None = None) -> 
     out = {"total_s": t2 - t0, "prefill_s": tm["prefill_s"], "decode_s": tm["decode_s"], "vq_decode_s": t2 - t1,
            "steps": tm["steps"], "prompt_len": len(pipe.tokenizer.generation_prompt(prompt))}
     if window is not None:
-        out.update(passes=tm["passes"], codes_per_pass=tm["codes_per_pass"])
+        out.update(passes=tm["passes"], passes_needed=tm["passes_needed"], codes_per_pass=tm["codes_per_pass"])
     return out
 
 
@@ -534,7 +537,8 @@ def run_bench(cfg: BenchConfig, log=lambda s: print(s, file=sys.stderr), on_upda
         passes = _median(rows, "passes")
         # a pass reads what a step reads (weights + KV) plus the window's few rows: the step's bytes are its floor
         decode_roof(sc, sc["breakdown"]["decode_s"] / passes, plain["bytes_per_step"])
-        sc["speculative"] = {"window": window, "passes": passes, "codes_per_pass": _median(rows, "codes_per_pass"),
+        sc["speculative"] = {"window": window, "passes": passes, "passes_needed": _median(rows, "passes_needed"),
+                             "codes_per_pass": _median(rows, "codes_per_pass"),
                              "pass_vs_step": sc["decode_step_ms"] / plain["decode_step_ms"],
                              "speedup_vs_plain": plain["median_s"] / sc["median_s"], "note": ACCEPTANCE_NOTE}
         if "images_per_s" in plain:
@@ -803,8 +807,8 @@ def main(args) -> int:
                       quantize=getattr(args, "quantize", None), quantize_heads=getattr(args, "quantize_heads", False),
                       kv_cache=getattr(args, "kv_cache", None), quality=getattr(args, "quality", False),
                       engine=getattr(args, "engine", "torch"),
-                      speculative=(getattr(args, "window", None) or 16) if getattr(args, "speculative", False)
-                      else None)
+                      speculative=(16 if getattr(args, "window", None) is None else args.window)
+                      if getattr(args, "speculative", False) else None)
     if getattr(args, "window", None) is not None and not getattr(args, "speculative", False):
         raise InputError("--window sets the draft codes per pass of --speculative; add --speculative or drop it")
     for flag, p in (("--json", args.json), ("--plot", args.plot)):  # fail now, not after minutes of measuring

@@ -161,7 +161,7 @@ class SpecDecoder(_Graphed):
         self.rows, self.window, self.top_k, self.n_tok = rows, window, top_k, n_tok
         self.cache = pool.cache(rows, capacity)
         self.st = SpecState(n, window, n_tok, dev)
-        V = runner.cfg.vq.codebook_size
+        V = runner.cfg.gen_head.image_token_size  # the logits' width (the codebook's size, checked at load)
         f32 = dict(dtype=torch.float32, device=dev)
         self.prev_logits = torch.zeros(window * rows, V, dtype=runner.dtype, device=dev)
         self.lse, self.prev_lse = torch.zeros(n, window, **f32), torch.zeros(n, window, **f32)
@@ -291,11 +291,14 @@ class DecodeRuntime:
         return codes
 
     def spec_decoder(self, rows: int, capacity: int, window: int, top_k) -> SpecDecoder:
-        """The speculative state of a bucket, per window and top_k (each a graph of its own); not made by
-        warmup(): the first speculative request of each (bucket, window, top_k) captures it."""
+        """The speculative state of a bucket for one window and top_k (a graph of its own). One per bucket is
+        kept: another window or top_k replaces it (its buffers and graph grow with the window, and the memory
+        plan counts one). Not made by warmup(): the first speculative request of each captures it."""
         key = ("spec", rows, capacity, window, top_k)
         d = self.decoders.get(key)
         if d is None:
+            for old in [k for k in self.decoders if k[0] == "spec" and k[1] == rows]:
+                self.decoders.pop(old).graph = None
             d = SpecDecoder(self.runner, self.pool, rows, capacity, window, top_k, self.plan.image_tokens,
                             self.use_graphs, self.graph_pool, self.side_stream)
             self.decoders[key] = d
@@ -311,10 +314,12 @@ class DecodeRuntime:
         runner, n_tok = self.runner, self.plan.image_tokens
         R, T = len(rows_tokens), max(len(r) for r in rows_tokens)
         bucket, cap = self.plan.image_bucket(R, T, extra=window)
-        # A pass carries W·rows tokens through the layers: its transient memory must fit what the plan keeps back
-        need = decode_workspace_bytes(runner.cfg, window * bucket)
+        # A pass carries W·rows tokens through the layers (its transient memory) and keeps the previous pass's
+        # logits (the q's): both must fit what the plan keeps back beside the KV pool
+        V = runner.cfg.gen_head.image_token_size
+        need = decode_workspace_bytes(runner.cfg, window * bucket) + window * bucket * V * runner.dtype.itemsize
         if need > self.plan.reserve_bytes:
-            raise InputError(f"{arg('window')} {window} with {bucket // 2} image(s) needs about "
+            raise InputError(f"{arg('window')} {window} with {R // 2} image(s) needs about "
                              f"{need / 2 ** 30:.2f} GiB of activations per pass, more than the "
                              f"{self.plan.reserve_bytes / 2 ** 30:.2f} GiB the memory plan keeps back for them; use a "
                              f"smaller {arg('window')} or fewer images per call")
@@ -333,11 +338,13 @@ class DecodeRuntime:
             bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
         lo, passes, shown = 1, 0, 0  # lo: codes every image has (known on the host)
         while lo < n_tok:
-            # The fewest passes that can finish (or reach the next grid row): never a pass after the last needed
+            # At least the fewest passes that can finish (or reach the next grid row), and half of what the slowest
+            # image's rate so far predicts: ~log2(576) syncs instead of ~100. If acceptance rises a lot, the
+            # last run can go on after every image is done (those passes accept nothing; spec_stats reports both)
             target = n_tok if callback is None and bar is None else min(n_tok, (lo // every + 1) * every)
             k = -(-(target - lo) // window)
-            if passes:  # and half the passes the slowest image's rate so far predicts: ~log2(576) syncs, not ~100
-                k = max(k, (target - lo) * passes // max(lo - 1, 1) // 2)
+            if passes:
+                k = max(k, min(target - lo, (target - lo) * passes // max(lo - 1, 1) // 2))
             d.run(k)
             passes += k
             new_lo = int(done.min())  # the host sync

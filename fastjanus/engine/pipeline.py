@@ -326,6 +326,9 @@ class JanusPipeline:
         pass: the same distribution of codes (the same codes when greedy) in fewer LLM passes, how many fewer
         depending on the model's entropy. last_timings then has "passes" and "codes_per_pass"."""
         check_sampling(temperature, top_k, top_p, cfg_weight)
+        if cfg_weight is None:  # (text has no guidance; an image request needs a weight)
+            raise InputError(f"{arg('cfg_weight')} must be a finite number >= 0 (1: the conditional logits alone), "
+                             "got None")
         check_speculative(speculative, window)
         if speculative and self.kv_cache == "fp8":
             raise InputError(f"{arg('speculative')} does not support the fp8 KV cache yet; load without "
@@ -605,12 +608,16 @@ class JanusPipeline:
 
 
 def spec_stats(st: SpecState, passes: int, n: int | None = None) -> dict:
-    """What a speculative request reports: the passes the loop ran (what costs time) and the codes each of the
+    """What a speculative request reports: the passes the loop ran (what costs time), the most any image needed,
+    and the codes each of the
     first n images (the real ones) accepted per pass it took part in (the first code comes from the prefill, so
     (codes − 1) / passes). On random weights these say little about a trained checkpoint: acceptance depends on
     the model's entropy."""
-    per_image = (st.n_tok - 1) / st.passes[:n].clamp(min=1).double()
-    return {"speculative": True, "window": st.window, "passes": passes,
+    took = st.passes[:n]
+    per_image = (st.n_tok - 1) / took.clamp(min=1).double()
+    # passes_needed < passes when the static loop's last run went on after every image was done (its runs are
+    # sized from the acceptance so far, so that the host syncs rarely; see DecodeRuntime.spec_image_codes)
+    return {"speculative": True, "window": st.window, "passes": passes, "passes_needed": int(took.max()),
             "codes_per_pass": float(per_image.mean())}
 
 
