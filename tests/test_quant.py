@@ -98,6 +98,7 @@ def test_round_trip_equals_quantize_at_load(tiny_dir, tmp_path, scheme):
                        b.generate_image_tokens("a cat", temperature=0))
 
 
+@pytest.mark.slow  # about 65 s in the interpreter: in .ci/run's slow step, keeping the default suite under 10 minutes
 def test_greedy_codes_of_the_8bit_model_match_its_torch_path(tiny_dir):
     """The W8A16 kernels (triton backend, interpreter on the CPU) against the eager torch path, int8 weights +
     heads and an FP8 KV cache, two prompts of different lengths in one batch."""
