@@ -237,6 +237,24 @@ def check_layout(q, k_new, v_new, k_cache, v_cache, lengths, rope, B: int, D: in
             f"{rope.dtype} {list(rope.shape)}"
 
 
+def tiling(q: torch.Tensor, batch_kv_heads: int, S: int, block_n: int | None, num_splits: int | None,
+           sm_scale: float | None) -> tuple[int, int, float]:
+    """(block_n, num_splits, the softmax scale in log2 units) of both attention launchers, defaults filled in.
+
+    [BN, D] K and V tiles of 16 KiB each (bf16/fp16 at D = 128, BN = 64; fp32 gets half the slots), staged twice
+    through shared memory (num_stages=2): 64 KiB, inside every GPU's per-block limit (99 KiB on sm_86/89); three
+    stages of fp32 tiles would pass A100's 163 KiB. Sized by q's dtype, the dot operand's, also for fp8 caches:
+    their tiles are widened to it in registers."""
+    D = q.shape[-1]
+    if block_n is None:
+        block_n = max(16, min(64, 16384 // (D * q.element_size())))
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
+    if num_splits is None:
+        num_splits = default_splits(batch_kv_heads, S, block_n, q.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(S, block_n)))
+    return block_n, num_splits, (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * _LOG2E
+
+
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, lengths: torch.Tensor, *, rope: torch.Tensor | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -282,17 +300,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     group = H // Hkv
     group_p = max(triton.next_power_of_2(group), 16)  # tl.dot needs M >= 16: padded rows are masked
-    if block_n is None:
-        # [BN, D] K and V tiles of 16 KiB each (bf16/fp16 at D = 128, BN = 64; fp32 gets half the slots), staged
-        # twice through shared memory (num_stages=2): 64 KiB, inside every GPU's per-block limit (99 KiB on
-        # sm_86/89); three stages of fp32 tiles would pass A100's 163 KiB. Sized by q's dtype, the dot operand's,
-        # also for fp8 caches: their tiles are widened to it in registers
-        block_n = max(16, min(64, 16384 // (D * q.element_size())))
-    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
-    if num_splits is None:
-        num_splits = default_splits(B * Hkv, S, block_n, q.device)
-    num_splits = max(1, min(num_splits, triton.cdiv(S, block_n)))
-    scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * _LOG2E
+    block_n, num_splits, scale = tiling(q, B * Hkv, S, block_n, num_splits, sm_scale)
     one = num_splits == 1
     part_o = torch.empty(0 if one else B * H * num_splits * D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(0 if one else B * H * num_splits * 2, dtype=torch.float32, device=q.device)

@@ -34,14 +34,12 @@ Torch reference: `reference.window_attention_ref`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreted
-from .decode_attention import _LOG2E, check_layout, default_splits
+from .decode_attention import _live_split_len, check_layout, tiling
 
 
 @triton.jit
@@ -55,13 +53,6 @@ def _rotate_rows(x, x_ptrs_partner, pmask, rope_ptr, pos, d, HALF: tl.constexpr)
     partner = tl.load(x_ptrs_partner, mask=pmask, other=0.0).to(tl.float32)
     sign = tl.where(d < HALF, -1.0, 1.0)
     return x * c + (sign[None, :] * s) * partner
-
-
-@triton.jit
-def _window_split_len(end, num_splits, BLOCK_N: tl.constexpr):
-    """Slots per split for a row reading `end` slots: ⌈end / splits⌉ in whole blocks."""
-    per = (end + num_splits - 1) // num_splits
-    return ((per + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -100,7 +91,7 @@ def _window_attention_kernel(
     hk = pid % H_KV
     L = tl.load(len_ptr + b)  # tokens cached before the window
     end = tl.minimum(L + W, capacity)  # slots read: the prefix and the window's slots inside the cache
-    split_len = _window_split_len(end, num_splits, BLOCK_N)
+    split_len = _live_split_len(end - 1, num_splits, BLOCK_N)  # ⌈end / splits⌉ in whole blocks
     lo = s * split_len
     hi = tl.minimum(lo + split_len, end)  # lo ≥ end (a split past the row's end): empty loop, nothing stored
     i = tl.arange(0, M_P)
@@ -169,7 +160,7 @@ def _window_merge_kernel(part_o_ptr, part_ml_ptr, len_ptr, out_ptr, num_splits, 
     j = pid // (B * H)
     b = (pid // H) % B
     L = tl.load(len_ptr + b)
-    split_len = _window_split_len(tl.minimum(L + W, capacity), num_splits, BLOCK_N)
+    split_len = _live_split_len(tl.minimum(L + W, capacity) - 1, num_splits, BLOCK_N)  # as the attention kernel
     # the splits holding a slot this token sees, 0..its last: each has a finite max (the others are skipped)
     n_live = tl.minimum(L + j, capacity - 1) // split_len + 1
     s = tl.arange(0, BLOCK_S)
@@ -222,13 +213,7 @@ def window_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         f"out must be a contiguous {q.dtype} {list(q.shape)} tensor"
     group = H // Hkv
     m_p = max(triton.next_power_of_2(W * group), 16)  # tl.dot needs M >= 16: padded rows are masked
-    if block_n is None:  # decode_attention's tiles: 16 KiB of K and of V, staged twice through shared memory
-        block_n = max(16, min(64, 16384 // (D * q.element_size())))
-    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
-    if num_splits is None:
-        num_splits = default_splits(B * Hkv, S, block_n, q.device)
-    num_splits = max(1, min(num_splits, triton.cdiv(S, block_n)))
-    scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * _LOG2E
+    block_n, num_splits, scale = tiling(q, B * Hkv, S, block_n, num_splits, sm_scale)  # decode_attention's
     has_rope = rope is not None
     rope_arg, rope_rows = (rope, rope.shape[0]) if has_rope else (out, 1)  # out: any pointer, never read
 

@@ -25,7 +25,7 @@ from ..errors import InputError, arg
 from .memory import MemoryPlan, decode_workspace_bytes
 from .runner import ModelRunner
 from .sampling import KernelSampler
-from .speculative import SpecState
+from .speculative import RowFeed, SpecState
 
 TEXT_CHUNK = 16  # tokens decoded between EOS checks (one host sync each)
 
@@ -331,32 +331,23 @@ class DecodeRuntime:
             runner.sync()
             timings["prefill_end"] = time.perf_counter()
         every, n = runner.cfg.vq.grid, R // 2
-        done = d.st.done[:n]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
-        lo, passes, shown = 1, 0, 0  # lo: codes every image has (known on the host)
-        while lo < n_tok:
+        done, codes = d.st.done[:n], d.st.codes[:n]
+        feed = RowFeed(n_tok, every, callback, progress)
+        passes = 0
+        while feed.lo < n_tok:  # feed.lo: codes every image has (known on the host)
             # At least the fewest passes that can finish (or reach the next grid row), and half of what the slowest
             # image's rate so far predicts: ~log2(576) syncs instead of ~100. If acceptance rises a lot, the
             # last run can go on after every image is done (those passes accept nothing; spec_stats reports both)
-            target = n_tok if callback is None and bar is None else min(n_tok, (lo // every + 1) * every)
+            lo = feed.lo
+            target = min(n_tok, (lo // every + 1) * every) if feed.per_row else n_tok
             k = -(-(target - lo) // window)
             if passes:
                 k = max(k, min(target - lo, (target - lo) * passes // max(lo - 1, 1) // 2))
             d.run(k)
             passes += k
-            new_lo = int(done.min())  # the host sync
-            if bar is not None:
-                bar.update(new_lo - lo)
-            lo = new_lo
-            while callback is not None and shown < lo // every:
-                callback(shown, d.st.codes[:n, :every * (shown + 1)].to("cpu", copy=True))
-                shown += 1
-        if bar is not None:
-            bar.close()
-        return d.st.codes[:n], d.st, passes
+            feed.advance(int(done.min()), codes)  # the host sync
+        feed.close()
+        return codes, d.st, passes
 
     def kv_cache(self, rows: int, capacity: int) -> KVCache:
         """A cache over the pool for the eager loops (top_p), so they stay inside the memory plan too."""

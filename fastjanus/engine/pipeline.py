@@ -25,7 +25,7 @@ from .graphs import DecodeRuntime
 from .memory import MemoryPlan, check_plan_overrides, plan_memory
 from .runner import ModelRunner
 from .sampling import KernelSampler, TorchSampler, cfg_mix, sample
-from .speculative import SpecNoise, SpecState, verify_ref
+from .speculative import RowFeed, SpecNoise, SpecState, verify_ref
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -389,7 +389,7 @@ class JanusPipeline:
                                  **spec_stats(st, passes, len(rows) // 2)}
             return codes
         R, T = len(rows), max(len(r) for r in rows)
-        n_tok, N, grid = self.cfg.num_image_tokens, len(rows) // 2, self.cfg.vq.grid
+        n_tok, N = self.cfg.num_image_tokens, len(rows) // 2
         if self.runtime is not None:
             cache = self.runtime.kv_cache(R, self.memory_plan.image_bucket(R, T, extra=window)[1])
         else:
@@ -402,26 +402,16 @@ class JanusPipeline:
         V = self.cfg.vq.codebook_size
         st = SpecState(N, window, n_tok, self.device)
         st.start(first, torch.randint(0, V, (N, window), generator=gen, device=self.device))
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
-        passes, shown, lo = 0, 0, 1  # shown: grid rows handed to the callback; lo: codes done by every image
-        while lo < n_tok:
-            bound = int(cache.lengths.max()) + window
-            logits = self.runner.window(st.tokens, cache, window, bound=bound)  # [W·2N, V]
+        feed = RowFeed(n_tok, self.cfg.vq.grid, callback, progress)
+        passes, longest = 0, T  # longest: the longest row's KV length (the attention's bound)
+        while feed.lo < n_tok:
+            logits = self.runner.window(st.tokens, cache, window, bound=longest + window)  # [W·2N, V]
             verify_ref(st, logits, cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p,
                        noise=SpecNoise.draw(N, window, V, gen, self.device), lengths=cache.lengths)
             passes += 1
-            new_lo = int(st.done.min())  # the pass's host sync
-            if bar is not None:
-                bar.update(new_lo - lo)
-            lo = new_lo
-            while callback is not None and shown < lo // grid:
-                callback(shown, st.codes[:, :grid * (shown + 1)].to("cpu", copy=True))
-                shown += 1
-        if bar is not None:
-            bar.close()
+            lo, longest = torch.stack([st.done.min(), cache.lengths.max().long()]).tolist()  # the pass's host sync
+            feed.advance(lo, st.codes)
+        feed.close()
         out = st.codes.cpu()
         t2 = time.perf_counter()
         self.last_timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n_tok, "cuda_graphs": False,

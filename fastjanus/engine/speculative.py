@@ -89,6 +89,36 @@ class SpecState:
         self.tokens.copy_(t.repeat_interleave(2, dim=1).flatten())  # both rows of a pair take the image's token
 
 
+class RowFeed:
+    """Progress bar and grid-row callbacks of a speculative loop, which learns only now and then (at its host
+    syncs) how many codes every image has: `advance(lo, codes)` hands each grid row completed by then to
+    callback(row, codes [N, grid·(row+1)] on the CPU) and moves the bar."""
+
+    def __init__(self, n_tok: int, grid: int, callback, progress: bool):
+        self.grid, self.callback, self.lo, self.shown = grid, callback, 1, 0  # the first code is the prefill's
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=n_tok, initial=1, desc="image tokens", unit="tok", leave=False)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the loop should stop at every grid row (someone is watching)."""
+        return self.callback is not None or self.bar is not None
+
+    def advance(self, lo: int, codes: torch.Tensor) -> None:
+        if self.bar is not None:
+            self.bar.update(lo - self.lo)
+        self.lo = lo
+        while self.callback is not None and self.shown < lo // self.grid:
+            self.callback(self.shown, codes[:, :self.grid * (self.shown + 1)].to("cpu", copy=True))
+            self.shown += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def guided(logits: torch.Tensor, n: int, window: int, cfg_weight: float) -> torch.Tensor:
     """Window-major paired logits [W·2N, V] → guided logits [N, W, V] fp32."""
     return cfg_mix(logits, cfg_weight).view(window, n, -1).transpose(0, 1)
