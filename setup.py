@@ -14,8 +14,8 @@ setup(
     install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy", "safetensors>=0.4",
                       "tokenizers>=0.15", "pillow>=9.1", "tqdm"],
     extras_require={
-        # transformers is a test oracle only (parity tests), never imported by the runtime.
-        "test": ["pytest", "transformers>=5.0"],
+        # transformers and diffusers are test oracles only (parity tests), never imported by the runtime.
+        "test": ["pytest", "transformers>=5.0", "diffusers>=0.30"],
         # ONNX export (fastjanus export-onnx) and the ONNX Runtime runner; on a CUDA host install onnxruntime-gpu
         # in place of onnxruntime for its CUDA and TensorRT providers.
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b")
-PARTS = ("tests", "kernels", "e2e", "quant", "spec")
+PARTS = ("tests", "kernels", "e2e", "quant", "spec", "flow")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (tests/ is run from here)
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -69,6 +69,10 @@ MIN_S = {
     # estimates (never run on a GPU yet): 3 windows x 2 buckets, each captured; the bench: 1 and 32 images, twice
     "spec-pass": {"tiny": 5, "janus-1.3b": 60, "janus-pro-1b": 60, "janus-pro-7b": 120},
     "bench-spec": {"tiny": 5, "janus-1.3b": 90, "janus-pro-1b": 90, "janus-pro-7b": 180},
+    # estimates (never run on a GPU yet): JanusFlow-1.3B's checkpoint (LLM + SDXL VAE, 4.2 GB; 31 s on the 2-core
+    # CPU), and its bench: 1 and 16 images and 1 after a long prompt, 30 steps each, ours (graphs), cached eager
+    # and the official loop, plus the VAE
+    "checkpoint-flow": 40, "bench-flow": 150,
 }
 DRY_MIN_S = 2.0  # every step of a dry run
 BENCH_SCENARIOS = ["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"]
@@ -218,6 +222,16 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
                 ["--dtype", "bf16"]
             steps.append(Step(f"bench-spec-{a}", "spec", cmd, m("bench-spec", a), outputs=[what],
                               env=dict(cache_env), time_limit_flag=True, needs=f"checkpoint-{a}"))
+    if "flow" in parts:  # JanusFlow: ours against the official loop (the prompt recomputed every step), 1 and 16 images
+        a = "tiny-flow" if dry_run else "janusflow-1.3b"
+        make = "import sys; from fastjanus.random_init import cached_random_model as c; print(c(sys.argv[1]))"
+        steps.append(Step(f"checkpoint-{a}", "flow", [py, "-c", make, a], m("checkpoint-flow"), env=dict(cache_env)))
+        what = f"{prefix}-{a}-flow.json"
+        cmd = [py, "-m", "fastjanus.cli", "bench", "--arch", a, "--quiet", "--json", str(out / what)]
+        cmd += ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--steps", "2", "--scenario", "t2i-1"] \
+            if dry_run else ["--dtype", "bf16"]
+        steps.append(Step(f"bench-flow-{a}", "flow", cmd, m("bench-flow"), outputs=[what], env=dict(cache_env),
+                          needs=f"checkpoint-{a}"))
     if "tests" in parts:
         cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu
@@ -444,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model(s) for the e2e part, repeatable (default: janus-pro-1b)")
     ap.add_argument("--part", default="tests,kernels,e2e",
                     help="comma-separated: tests, kernels, e2e, quant (8-bit benches; a run of its own per --arch), "
-                         "spec (speculative decoding: pass vs step, end to end)")
+                         "spec (speculative decoding: pass vs step, end to end), flow (JanusFlow-1.3B against the "
+                         "official loop; independent of --arch)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds this pass may take in all; steps that would not fit are skipped and listed")
     ap.add_argument("--work", default=None, help="scratch folder for checkpoints and JUnit files "

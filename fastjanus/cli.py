@@ -46,18 +46,36 @@ def _check_runtime_flags(args) -> None:
     from .engine.pipeline import check_static_options, resolve_backend, resolve_cuda_graphs, resolve_device_dtype
     dev, _ = resolve_device_dtype(args.device, args.dtype)
     backend = resolve_backend(args.backend, dev)
+    if _flow_model_arg(args):  # JanusFlow's graphs capture its plain-torch flow step: any backend, CUDA only
+        if args.cuda_graphs == "on" and dev.type != "cuda":
+            raise InputError(f"--cuda-graphs on needs a CUDA device, but the device is {dev}; use --cuda-graphs off")
+        return
     resolve_cuda_graphs(_GRAPHS[args.cuda_graphs], dev, backend)
     check_static_options(backend, args.max_rows, args.max_len)
 
 
+def _flow_model_arg(args) -> bool:
+    """--model (or bench's --arch) names a JanusFlow checkpoint (read from config.json alone; no model is written)."""
+    from .flow_config import FLOW_PRESETS, is_janusflow, read_config_dict
+    if getattr(args, "model", None):
+        return is_janusflow(read_config_dict(Path(args.model)))
+    return getattr(args, "arch", None) in FLOW_PRESETS
+
+
 def _model_files(path: Path):
-    """config.json and the tokenizer files alone (no weights): enough to check a request before loading."""
+    """config.json and the tokenizer files alone (no weights): enough to check a request before loading.
+    The config is a JanusConfig, or a JanusFlowConfig for a JanusFlow folder."""
     from .config import JanusConfig
     from .engine.pipeline import check_model_dir
+    from .flow_config import JanusFlowConfig, is_janusflow, read_config_dict
     from .tokenizer import JanusTokenizer
     path = check_model_dir(path)
-    cfg = JanusConfig.from_file(path)
+    cfg = (JanusFlowConfig if is_janusflow(read_config_dict(path)) else JanusConfig).from_file(path)
     return cfg, JanusTokenizer(path, cfg.language.vocab_size)
+
+
+def _is_flow(cfg) -> bool:
+    return getattr(cfg, "family", "janus") == "janusflow"
 
 
 def _load(args, path: Path):
@@ -66,13 +84,14 @@ def _load(args, path: Path):
     pipe = load(path, device=args.device, dtype=args.dtype, progress=True, backend=args.backend,
                 cuda_graphs=_GRAPHS[args.cuda_graphs], max_rows=args.max_rows, max_len=args.max_len,
                 quantize=args.quantize, quantize_heads=args.quantize_heads, kv_cache=args.kv_cache,
-                onnx_dir=args.onnx_dir)
+                onnx_dir=args.onnx_dir, vae=args.vae)
     q = pipe.quantization
     print(f"loaded {pipe.path} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}, {pipe.backend} backend, "
           f"CUDA graphs {'on' if pipe.cuda_graphs else 'off'}"
           + (f", {q.weights} weights{' + heads' if q.heads else ''}" if q else "")
           + (f", {pipe.kv_cache} KV cache" if pipe.kv_cache else "")
-          + (f", SigLIP and VQ decoder on ONNX Runtime ({pipe.onnx.provider})" if pipe.onnx else "") + ") "
+          + (f", SigLIP and VQ decoder on ONNX Runtime ({pipe.onnx.provider})" if pipe.onnx else "")
+          + (f", VAE {pipe.vae_dir}" if getattr(pipe, "vae_dir", None) else "") + ") "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return pipe
 
@@ -197,11 +216,48 @@ def _window(args) -> int:
     return 16 if args.window is None else args.window
 
 
+def _check_flow_flags(args) -> None:
+    """JanusFlow's generate: the flags of Janus's token sampler are refused rather than ignored."""
+    from .engine.flow_pipeline import check_cfg_weight, check_steps
+    codes_only = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                 ("--top-p", args.top_p), ("--window", args.window)) if v is not None]
+    codes_only += ["--speculative"] if args.speculative else []
+    codes_only += ["--engine onnx"] if args.engine == "onnx" else []
+    if codes_only:
+        raise InputError(f"{', '.join(codes_only)}: JanusFlow makes images by rectified flow, not by sampling image "
+                         "codes; drop them (its options are --steps and --cfg)")
+    check_cfg_weight(args.cfg)
+    check_steps(args.steps)
+
+
+def _generate_flow(args, path: Path, seed: int):
+    """JanusFlow: the flow's latents, then the SDXL VAE. Returns (images, the timing line)."""
+    pipe = _load(args, path)
+    t0 = time.perf_counter()
+    z = pipe.generate_image_latents(args.prompt, num_images=args.num_images, cfg_weight=args.cfg, steps=args.steps,
+                                    seed=seed, progress=True)
+    tm = dict(pipe.last_timings)
+    images = pipe.decode_image_latents(z)
+    t1 = time.perf_counter()
+    capture = f"graph capture {tm['capture_s']:.2f} s, " if tm["capture_s"] else ""
+    return images, (f"{len(images)} image(s): {capture}prompt {tm['prompt_s']:.3f} s, {tm['steps']} flow steps "
+                    f"{tm['steps_s']:.2f} s ({tm['step_s'] * 1e3:.1f} ms/step), VAE decode "
+                    f"{pipe.last_timings['vae_s']:.2f} s, total {t1 - t0:.2f} s "
+                    f"[{pipe.device}, {str(pipe.dtype).replace('torch.', '')}, CUDA graphs "
+                    f"{'on' if tm['cuda_graphs'] else 'off'}, seed {seed}]")
+
+
 def cmd_generate(args) -> int:
+    from .engine.flow_pipeline import check_steps
     from .engine.pipeline import check_count, check_sampling, check_seed, check_speculative, image_token_rows
-    check_sampling(args.temperature, args.top_k, args.top_p, args.cfg)
+    # Values first, for either family (no model is read, not even the default tiny one, before they pass); then,
+    # once config.json says which family this is, the flags that family does not take.
     check_count("num_images", args.num_images)
+    check_sampling(1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p,
+                   0.0 if args.cfg is None else args.cfg)
     check_seed(args.seed)
+    if args.steps is not None:
+        check_steps(args.steps)
     if args.window is not None and not args.speculative:
         raise InputError("--window sets the draft codes per pass of --speculative; add --speculative or drop it")
     check_speculative(args.speculative, _window(args))
@@ -214,10 +270,28 @@ def cmd_generate(args) -> int:
     out = prepare_out_dir(args.out)
     path = _model_arg(args)
     cfg, tk = _model_files(path)
-    rows = image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
-    seed = _seed(args, matters=args.temperature > 0)
-    images, timing = (_generate_onnx(args, path, rows, seed) if args.engine == "onnx" else
-                      _generate_torch(args, path, seed))
+    if _is_flow(cfg):
+        from .engine.flow_pipeline import flow_prompt_ids, resolve_vae_dir
+        args.cfg = 2.0 if args.cfg is None else args.cfg  # the official JanusFlow default
+        args.steps = 30 if args.steps is None else args.steps
+        _check_flow_flags(args)
+        flow_prompt_ids(tk, cfg, args.prompt)  # the prompts' lengths, before loading
+        resolve_vae_dir(path, args.vae)  # images need the VAE: say so before loading
+        seed = _seed(args, matters=True)
+        images, timing = _generate_flow(args, path, seed)
+    else:
+        if args.steps is not None:
+            raise InputError("--steps sets JanusFlow's flow steps; this is a Janus checkpoint, which makes one image "
+                             "code per step: drop it")
+        if args.vae is not None:
+            raise InputError("--vae applies to JanusFlow checkpoints; this is a Janus checkpoint (its own VQ decoder "
+                             "makes the pixels): drop it")
+        args.cfg = 5.0 if args.cfg is None else args.cfg
+        args.temperature = 1.0 if args.temperature is None else args.temperature
+        rows = image_token_rows(tk, cfg, args.prompt, args.num_images)  # the prompts' lengths, before loading
+        seed = _seed(args, matters=args.temperature > 0)
+        images, timing = (_generate_onnx(args, path, rows, seed) if args.engine == "onnx" else
+                          _generate_torch(args, path, seed))
     for p in save_images(images, out, seed):
         print(p)
     print(timing, file=sys.stderr)
@@ -250,20 +324,113 @@ def cmd_understand(args) -> int:
     return 0
 
 
-def model_info(model_dir) -> dict:
-    """Architecture, parameter count, special ids and (if present) the weight files, without loading weights."""
+def _weights_info(d: Path, find=None) -> dict | None:
+    """The weight files of a folder: format, files, bytes, tensors by dtype (None when there are none)."""
     import math
 
     import torch
 
     from .checkpoint import find_weights, read_shapes
+    from .errors import CheckpointNotFoundError
+    try:
+        files = (find or find_weights)(d)
+    except CheckpointNotFoundError:
+        return None
+    dtypes: dict[str, int] = {}
+    by_dtype: dict[str, int] = {}
+    for shape, dt, _ in read_shapes(files).values():
+        dtypes[dt] = dtypes.get(dt, 0) + 1
+        t = getattr(torch, dt, None)  # a dtype name torch lacks counts 0 bytes rather than failing `info`
+        by_dtype[dt] = by_dtype.get(dt, 0) + math.prod(shape) * (t.itemsize if isinstance(t, torch.dtype) else 0)
+    return {"format": files.format, "files": [f.name for f in files.files], "bytes": files.total_bytes,
+            "dtypes": dtypes, "tensor_bytes_by_dtype": by_dtype}
+
+
+def _llm_vision_info(cfg) -> dict:
+    """The LLM's and SigLIP's sizes (Janus and JanusFlow alike)."""
+    L, v = cfg.language, cfg.vision
+    return {"hidden_size": L.hidden_size, "num_layers": L.num_hidden_layers, "num_heads": L.num_attention_heads,
+            "num_kv_heads": L.num_key_value_heads, "head_dim": L.head_dim, "intermediate_size": L.intermediate_size,
+            "vocab_rows": L.vocab_size, "max_positions": L.max_position_embeddings,
+            "vision": {"width": v.width, "layers_used": v.layers_used, "image_size": v.image_size,
+                       "image_tokens": v.num_patches}}
+
+
+def _print_llm_vision(a: dict, vision_note: str = "") -> None:
+    print(f"LLM         hidden {a['hidden_size']}, layers {a['num_layers']}, heads {a['num_heads']}, "
+          f"kv heads {a['num_kv_heads']}, intermediate {a['intermediate_size']}, vocab rows {a['vocab_rows']}, "
+          f"context {a['max_positions']}")
+    print(f"vision      width {a['vision']['width']}, {a['vision']['layers_used']} blocks, "
+          f"{a['vision']['image_size']} px → {a['vision']['image_tokens']} tokens{vision_note}")
+
+
+def _print_tokenizer(t: dict) -> None:
+    print(f"tokenizer   {t['size']} tokens, template {t['template']}, special ids {t['special_ids']}"
+          + (f", added at load: {t['added_at_load']}" if t["added_at_load"] else ""))
+
+
+def flow_model_info(d: Path) -> dict:
+    """model_info for a JanusFlow folder: the LLM, SigLIP, the UViT pair, the flow geometry and the VAE."""
+    import torch
+
+    from .flow_config import JanusFlowConfig
+    from .models.janusflow import JanusFlowModel
+    from .tokenizer import JanusTokenizer
+    cfg = JanusFlowConfig.from_file(d)
+    L, e, dc = cfg.language, cfg.gen_enc, cfg.gen_dec
+    with torch.device("meta"):
+        m = JanusFlowModel(cfg)
+    count = (lambda prefix: sum(p.numel() for n, p in m.named_parameters() if n.startswith(prefix)))  # noqa: E731
+    info = {
+        "path": str(d), "family": "janusflow",
+        "architecture": {**_llm_vision_info(cfg),
+                         "image_generation": {
+                             "method": "rectified flow", "image_size": cfg.image_size,
+                             "latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
+                             "grid": cfg.grid, "latent_tokens": cfg.num_gen_tokens,
+                             "uvit_encoder": {"channels": e.channels, "kernel": e.kernel_size, "stride": e.stride,
+                                              "padding": e.padding, "convnext_blocks": e.layers_in_middle
+                                              if e.use_mid_block else 0},
+                             "uvit_decoder": {"in_channels": dc.in_channels, "channels": dc.channels,
+                                              "upsamples": dc.upsamples, "convnext_blocks": dc.layers_in_middle
+                                              if dc.use_mid_block else 0}}},
+        "parameters": sum(p.numel() for p in m.parameters()),
+        "llm_parameters_without_embeddings": count("language_model.model.layers.") + L.hidden_size,
+        "uvit_parameters": count("vision_gen_enc_model.") + count("vision_gen_dec_model."),
+    }
+    tk = JanusTokenizer(d, L.vocab_size)
+    info["tokenizer"] = {"size": len(tk), "template": tk.template, "special_ids": tk.special_ids(),
+                         "added_at_load": tk.added}
+    info["weights"] = _weights_info(d)
+    info["vae"] = _vae_info(d / "vae", cfg)
+    info["quantization"] = None
+    return info
+
+
+def _vae_info(vd: Path, cfg) -> dict | None:
+    from .models.sdxl_vae import VAEConfig, find_vae_weights
+    if not (vd / "config.json").is_file():
+        return None
+    v = VAEConfig.from_file(vd)
+    return {"path": str(vd), "latent_channels": v.latent_channels, "block_out_channels": list(v.block_out_channels),
+            "downsample": v.downsample, "scaling_factor": v.scaling_factor,
+            "matches_model": v.latent_channels == cfg.latent_channels and v.downsample * cfg.latent_size ==
+            cfg.image_size, "weights": _weights_info(vd, find_vae_weights)}
+
+
+def model_info(model_dir) -> dict:
+    """Architecture, parameter count, special ids and (if present) the weight files, without loading weights."""
+    import torch
+
     from .config import JanusConfig
     from .engine.memory import weight_bytes
     from .engine.pipeline import check_model_dir
-    from .errors import CheckpointNotFoundError
+    from .flow_config import is_janusflow, read_config_dict
     from .models.janus import JanusModel
     from .tokenizer import JanusTokenizer
     d = check_model_dir(model_dir)
+    if is_janusflow(read_config_dict(d)):
+        return flow_model_info(d)
     cfg = JanusConfig.from_file(d)
     L = cfg.language
     with torch.device("meta"):
@@ -273,12 +440,7 @@ def model_info(model_dir) -> dict:
                 if n.startswith("language_model.model.layers.") or n == "language_model.model.norm.weight")
     info = {
         "path": str(d),
-        "architecture": {"hidden_size": L.hidden_size, "num_layers": L.num_hidden_layers,
-                         "num_heads": L.num_attention_heads, "num_kv_heads": L.num_key_value_heads,
-                         "head_dim": L.head_dim, "intermediate_size": L.intermediate_size,
-                         "vocab_rows": L.vocab_size, "max_positions": L.max_position_embeddings,
-                         "vision": {"width": cfg.vision.width, "layers_used": cfg.vision.layers_used,
-                                    "image_size": cfg.vision.image_size, "image_tokens": cfg.vision.num_patches},
+        "architecture": {**_llm_vision_info(cfg),
                          "image_generation": {"codebook": cfg.vq.codebook_size, "grid": cfg.vq.grid,
                                               "image_tokens": cfg.num_image_tokens,
                                               "image_size": cfg.vq.image_size}},
@@ -288,19 +450,7 @@ def model_info(model_dir) -> dict:
     tk = JanusTokenizer(d, L.vocab_size)
     info["tokenizer"] = {"size": len(tk), "template": tk.template, "special_ids": tk.special_ids(),
                          "added_at_load": tk.added}
-    try:
-        files = find_weights(d)
-    except CheckpointNotFoundError:
-        info["weights"] = None
-    else:
-        dtypes: dict[str, int] = {}
-        by_dtype: dict[str, int] = {}
-        for shape, dt, _ in read_shapes(files).values():
-            dtypes[dt] = dtypes.get(dt, 0) + 1
-            t = getattr(torch, dt, None)  # a dtype name torch lacks counts 0 bytes rather than failing `info`
-            by_dtype[dt] = by_dtype.get(dt, 0) + math.prod(shape) * (t.itemsize if isinstance(t, torch.dtype) else 0)
-        info["weights"] = {"format": files.format, "files": [f.name for f in files.files],
-                           "bytes": files.total_bytes, "dtypes": dtypes, "tensor_bytes_by_dtype": by_dtype}
+    info["weights"] = _weights_info(d)
     from .bench import roofline as rl
     from .quant import QuantConfig
     qc = QuantConfig.of(cfg, str(d / "config.json"))
@@ -316,32 +466,51 @@ def _size(b: float) -> str:
     return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
 
 
+def _print_weights(w, indent: str = "weights     ") -> None:
+    if w is None:
+        print(indent + "none found")
+        return
+    print(f"{indent}{w['format']}, {len(w['files'])} file(s), {w['bytes'] / 2 ** 30:.2f} GiB, dtypes {w['dtypes']}")
+    print(" " * len(indent) + "tensor bytes by dtype: " + ", ".join(f"{k} {_size(v)}"
+                                                                  for k, v in w["tensor_bytes_by_dtype"].items()))
+
+
 def cmd_info(args) -> int:
     info = model_info(args.model)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     a = info["architecture"]
+    if info.get("family") == "janusflow":
+        print(f"model       {info['path']} (JanusFlow: rectified-flow text-to-image)")
+        _print_llm_vision(a, " (+ begin-of-understanding)")
+        g = a["image_generation"]
+        e, dc = g["uvit_encoder"], g["uvit_decoder"]
+        print(f"generation  latent {'×'.join(map(str, g['latent']))} → {g['latent_tokens']} LLM tokens "
+              f"({g['grid']}×{g['grid']}) → {g['image_size']} px; UViT encoder {e['channels']} ch, "
+              f"{e['kernel']}×{e['kernel']}/{e['stride']} conv + {e['convnext_blocks']} ConvNeXt; decoder "
+              f"{dc['convnext_blocks']} ConvNeXt + {dc['upsamples']} unpatchify")
+        print(f"parameters  {info['parameters']:,} (LLM without embeddings "
+              f"{info['llm_parameters_without_embeddings']:,}, UViT {info['uvit_parameters']:,})")
+        _print_tokenizer(info["tokenizer"])
+        _print_weights(info["weights"])
+        v = info["vae"]
+        if v is None:
+            print(f"VAE         none in {Path(info['path']) / 'vae'} (pass --vae DIR to generate, or put the SDXL VAE "
+                  "there: config.json + diffusion_pytorch_model.safetensors)")
+        else:
+            print(f"VAE         {v['path']}: latent {v['latent_channels']} ch, {v['downsample']}× "
+                  f"(channels {v['block_out_channels']}), scaling {v['scaling_factor']}"
+                  + ("" if v["matches_model"] else " — DOES NOT MATCH the model's latent"))
+            _print_weights(v["weights"], "            ")
+        return 0
     print(f"model       {info['path']}")
-    print(f"LLM         hidden {a['hidden_size']}, layers {a['num_layers']}, heads {a['num_heads']}, "
-          f"kv heads {a['num_kv_heads']}, intermediate {a['intermediate_size']}, vocab rows {a['vocab_rows']}, "
-          f"context {a['max_positions']}")
-    print(f"vision      width {a['vision']['width']}, {a['vision']['layers_used']} blocks, "
-          f"{a['vision']['image_size']} px → {a['vision']['image_tokens']} tokens")
+    _print_llm_vision(a)
     g = a["image_generation"]
     print(f"generation  {g['image_tokens']} codes ({g['grid']}×{g['grid']}) of {g['codebook']} → {g['image_size']} px")
     print(f"parameters  {info['parameters']:,} (LLM without embeddings {info['llm_parameters_without_embeddings']:,})")
-    t = info["tokenizer"]
-    print(f"tokenizer   {t['size']} tokens, template {t['template']}, special ids {t['special_ids']}"
-          + (f", added at load: {t['added_at_load']}" if t["added_at_load"] else ""))
-    w = info["weights"]
-    if w is None:
-        print("weights     none found")
-    else:
-        print(f"weights     {w['format']}, {len(w['files'])} file(s), {w['bytes'] / 2 ** 30:.2f} GiB, "
-              f"dtypes {w['dtypes']}")
-        print("            tensor bytes by dtype: " + ", ".join(f"{k} {_size(v)}"
-                                                          for k, v in w["tensor_bytes_by_dtype"].items()))
+    _print_tokenizer(info["tokenizer"])
+    _print_weights(info["weights"])
     q = info["quantization"]
     print("quantized   " + ("no" if q is None else
                             f"{q['weights']} ({q['weight_dtype']}), {q['granularity']} {q['scale_dtype']} scales, "
@@ -400,8 +569,13 @@ def cmd_init_random(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.harness import main as bench_main
     _check_runtime_flags(args)  # before any random checkpoint is written (Pro-7B: 15 GB)
+    if _flow_model_arg(args):
+        from .bench.flow_bench import main as flow_main
+        return flow_main(args)
+    if args.steps is not None:
+        raise InputError("--steps sets JanusFlow's flow steps; drop it for a Janus benchmark")
+    from .bench.harness import main as bench_main
     return bench_main(args)
 
 
@@ -428,11 +602,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
-    from .random_init import FORMATS
+    from .random_init import ARCHS, FORMATS
     p = argparse.ArgumentParser(prog="fastjanus", formatter_class=_Help,
-                                description="Fast inference for DeepSeek Janus-1.3B, Janus-Pro-1B and Janus-Pro-7B: "
-                                            "text-to-image and image understanding.")
+                                description="Fast inference for DeepSeek Janus-1.3B, Janus-Pro-1B, Janus-Pro-7B and "
+                                            "JanusFlow-1.3B: text-to-image and image understanding.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
@@ -449,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernels: triton (default on CUDA) or torch (default on the CPU; triton there needs "
                              "TRITON_INTERPRET=1)")
         sp.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                        help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
+                        help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton; JanusFlow's flow "
+                             "step: on for CUDA, any backend)")
         sp.add_argument("--max-rows", type=int, default=None,
                         help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
         sp.add_argument("--max-len", type=int, default=None,
@@ -458,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--onnx-dir", default=None, metavar="DIR",
                         help="run SigLIP and the VQ decoder on ONNX Runtime from a `fastjanus export-onnx` folder of "
                              "this checkpoint (provider: TensorRT, CUDA, then CPU, whichever is installed)")
+        sp.add_argument("--vae", default=None, metavar="DIR",
+                        help="JanusFlow: the SDXL VAE folder (diffusers layout; default: vae/ in the model folder)")
 
     def quant_flags(sp):
         sp.add_argument("--quantize", choices=["int8", "fp8"], default=None,
@@ -473,8 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, action="append",
                    help="the picture to make; repeat for several prompts, which run as one batch")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight (default: 5 for Janus, 2 for JanusFlow)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1; Janus only)")
+    g.add_argument("--steps", type=int, default=None, help="JanusFlow: Euler steps of the flow (default 30)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes (default: all)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
     g.add_argument("--out", default="out", help="output folder, created when missing")
@@ -540,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines",
                        formatter_class=_Help)
     src = b.add_mutually_exclusive_group()
-    src.add_argument("--arch", choices=["tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b"], default="tiny",
+    src.add_argument("--arch", choices=["tiny", "janus-1.3b", "janus-pro-1b", "janus-pro-7b", "tiny-flow",
+                                       "janusflow-1.3b"], default="tiny",
                      help="random weights of a preset, written once into the cache")
     src.add_argument("--model", default=None, metavar="DIR", help="a checkpoint folder instead of --arch")
     b.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
@@ -549,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=["triton", "torch"], default=None,
                    help="default: triton on CUDA, torch on the CPU")
     b.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton)")
+                   help="capture the decode step in CUDA Graphs (auto: on for CUDA + triton; JanusFlow: on for CUDA)")
     b.add_argument("--max-rows", type=int, default=None,
                    help="memory plan: the largest batch in rows, 2 per image (default: from free memory)")
     b.add_argument("--max-len", type=int, default=None,
@@ -558,8 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quality", action="store_true",
                    help="with --quantize/--kv-cache: also measure the error against the unquantized model")
     b.add_argument("--scenario", action="append",
-                   choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"],
-                   help="repeat to pick several (default: all)")
+                   choices=["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand", "t2i-1-long"],
+                   help="repeat to pick several (default: all of the model's; t2i-1-long is JanusFlow's: one image "
+                        "after a ~300-token prompt)")
     b.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: also export SigLIP and the VQ decoder and time them on ONNX Runtime (rows "
                         "siglip[onnx], vq-decode[onnx] beside the torch ones)")
@@ -576,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for the throughput scenario (default: the memory plan's largest bucket on CUDA, "
                         "8 on the CPU)")
     b.add_argument("--text-tokens", type=int, default=64, help="tokens per understanding run (EOS ignored)")
+    b.add_argument("--steps", type=int, default=None, help="JanusFlow: Euler steps per image (default 30)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random prompts, images and sampling")
     b.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop starting new runs after S seconds and report what was skipped (default: no limit)")
@@ -585,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench, flag_names={"max_new_tokens": "--text-tokens"})
 
     r = sub.add_parser("init-random", help="write a random checkpoint in the official layout", formatter_class=_Help)
-    r.add_argument("--arch", required=True, choices=sorted(PRESETS))
+    r.add_argument("--arch", required=True, choices=ARCHS)
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--format", choices=FORMATS, default=None, help="default: the hub's format for that model")
     r.add_argument("--seed", type=int, default=0)

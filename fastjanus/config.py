@@ -315,6 +315,9 @@ class JanusConfig:
     @classmethod
     def _from_dict(cls, d: dict) -> "JanusConfig":
         _require(isinstance(d, dict), "top level must be a JSON object")
+        _require("vision_gen_enc_config" not in d,
+                 "this is a JanusFlow checkpoint (vision_gen_enc_config); this feature supports Janus and Janus-Pro "
+                 "only (JanusFlow: load, generate, understand, info, bench)")
         mt = d.get("model_type")
         _require(mt == "multi_modality",
                  f"model_type is {mt!r}; fastjanus reads the official Janus layout ('multi_modality'). "

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .config import JanusConfig, PRESET_TEMPLATES, preset
+from .config import PRESET_TEMPLATES, JanusConfig, preset
+from .flow_config import FLOW_PRESETS, FLOW_TEMPLATES, JanusFlowConfig
 from .errors import InputError
 from .tokenizer import BOI, BOS, EOI, EOS, IMAGE_TAG, PAD
 
 FORMATS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
-DEFAULT_FORMAT = {"tiny": "safetensors", "janus-1.3b": "safetensors", "janus-pro-1b": "bin",
+DEFAULT_FORMAT = {"tiny": "safetensors", "tiny-flow": "safetensors", "janusflow-1.3b": "safetensors",
+                  "janus-1.3b": "safetensors", "janus-pro-1b": "bin",
                   "janus-pro-7b": "sharded-bin"}  # as published on the hub
 ROLE_TOKENS = ["<patch_placeholder>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>",
                "<|User|>", "<|Assistant|>"]
@@ -37,19 +39,33 @@ Portrait of an old man with a beard, oil on canvas, dramatic lighting, close-up,
 A small cabin in the mountains surrounded by pine trees and a lake, morning fog, landscape photography."""
 
 
+TEMPLATES = {**PRESET_TEMPLATES, **FLOW_TEMPLATES}
+ARCHS = sorted(TEMPLATES)  # every preset init-random writes: Janus's and JanusFlow's
+
 # ------------------------------------------------------------------------------------- tensors
-def official_tensor_shapes(cfg: JanusConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an official checkpoint, including the ones inference never reads."""
+def official_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an official checkpoint (Janus or JanusFlow), including the ones inference never reads."""
+    if isinstance(cfg, JanusFlowConfig):
+        from .models.janusflow import JanusFlowModel
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in JanusFlowModel(cfg).state_dict().items()}
+        shapes.update(_attn_pool_shapes(cfg, "vision_und_enc_model.vision_tower.attn_pool."))
+        return shapes
     from .models.janus import JanusModel
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in JanusModel(cfg).state_dict().items()}
-    W, M, p = cfg.vision.width, cfg.vision.mlp_dim, "vision_model.vision_tower.attn_pool."
-    shapes.update({p + "latent": (1, 1, W), p + "q.weight": (W, W), p + "q.bias": (W,),
-                   p + "kv.weight": (2 * W, W), p + "kv.bias": (2 * W,), p + "proj.weight": (W, W),
-                   p + "proj.bias": (W,), p + "norm.weight": (W,), p + "norm.bias": (W,),
-                   p + "mlp.fc1.weight": (M, W), p + "mlp.fc1.bias": (M,), p + "mlp.fc2.weight": (W, M),
-                   p + "mlp.fc2.bias": (W,), "gen_vision_model.quantize.codebook_used": (65536,)})
+    shapes.update(_attn_pool_shapes(cfg, "vision_model.vision_tower.attn_pool."))
+    shapes["gen_vision_model.quantize.codebook_used"] = (65536,)
     return shapes
+
+
+def _attn_pool_shapes(cfg, p: str) -> dict[str, tuple[int, ...]]:
+    """SigLIP's attention-pooling head: in the published files, never used by Janus or JanusFlow."""
+    W, M = cfg.vision.width, cfg.vision.mlp_dim
+    return {p + "latent": (1, 1, W), p + "q.weight": (W, W), p + "q.bias": (W,), p + "kv.weight": (2 * W, W),
+            p + "kv.bias": (2 * W,), p + "proj.weight": (W, W), p + "proj.bias": (W,), p + "norm.weight": (W,),
+            p + "norm.bias": (W,), p + "mlp.fc1.weight": (M, W), p + "mlp.fc1.bias": (M,),
+            p + "mlp.fc2.weight": (W, M), p + "mlp.fc2.bias": (W,)}
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -129,7 +145,7 @@ def _shard(names: list[str], shapes: dict, esize: int, max_bytes: int) -> list[l
     return shards + ([cur] if cur else [])
 
 
-def write_weights(out: Path, cfg: JanusConfig, fmt: str, seed: int, dtype=torch.bfloat16,
+def write_weights(out: Path, cfg, fmt: str, seed: int, dtype=torch.bfloat16,
                   max_shard_bytes: int = 4 * 2 ** 30, progress: bool = False) -> list[Path]:
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r} is not one of {list(FORMATS)}")
@@ -204,7 +220,7 @@ def write_tokenizer_files(out: Path, arch: str, num_image_tokens: int, image_siz
         "special_tokens_map.json": specials,
         "processor_config.json": {"add_special_token": False, "ignore_id": -100, "image_tag": IMAGE_TAG,
                                   "mask_prompt": True, "num_image_tokens": num_image_tokens,
-                                  "processor_class": "VLChatProcessor", "sft_format": PRESET_TEMPLATES[arch]},
+                                  "processor_class": "VLChatProcessor", "sft_format": TEMPLATES[arch]},
         "preprocessor_config.json": {"background_color": [127, 127, 127], "do_normalize": True,
                                      "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "VLMImageProcessor",
                                      "image_size": image_size, "image_std": [0.5, 0.5, 0.5], "min_size": 14,
@@ -218,7 +234,9 @@ def init_random(arch: str, out: str | Path, fmt: str | None = None, seed: int = 
                 max_shard_bytes: int = 4 * 2 ** 30, config: JanusConfig | None = None) -> Path:
     """Write config.json, random weights and tokenizer/processor files for a preset into `out`. config: a
     variant of the preset's config to write instead (test models: another codebook size, more layers)."""
-    cfg = preset(arch) if config is None else config
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    cfg = (FLOW_PRESETS[arch]() if arch in FLOW_PRESETS else preset(arch)) if config is None else config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = fmt or DEFAULT_FORMAT[arch]
@@ -227,6 +245,9 @@ def init_random(arch: str, out: str | Path, fmt: str | None = None, seed: int = 
     (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     write_tokenizer_files(out, arch, cfg.vision.num_patches, cfg.vision.image_size)
     write_weights(out, cfg, fmt, seed, progress=progress, max_shard_bytes=max_shard_bytes)
+    if isinstance(cfg, JanusFlowConfig):  # JanusFlow's SDXL VAE, a separate checkpoint, in vae/
+        from .models.sdxl_vae import SDXL_VAE, tiny_vae, write_random_vae
+        write_random_vae(out / "vae", tiny_vae() if arch.startswith("tiny") else SDXL_VAE, seed=seed)
     return out
 
 
@@ -253,15 +274,6 @@ def cached_random_model(arch: str, progress: bool = False, fmt: str | None = Non
         shutil.rmtree(tmp)
         return d
     if d.exists():  # an incomplete leftover
-        shutil.rmtree(d)
-    tmp.rename(d)
-    return d
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    init_random(arch, tmp, seed=0, progress=progress)
-    (tmp / ".complete").write_text("ok\n")
-    if d.exists():
         shutil.rmtree(d)
     tmp.rename(d)
     return d

@@ -233,7 +233,8 @@ def test_help_version_and_bare_command(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for s in ("images per prompt (default: 1)", "guidance weight (default: 5.0)", "(default: out)",
+    for s in ("images per prompt (default: 1)", "guidance weight (default: 5 for Janus, 2 for JanusFlow)",
+              "(default: out)", "Euler steps of the flow (default 30)",
               "tiny RANDOM checkpoint", "(default: a new one, printed"):
         assert s in out, s
     with pytest.raises(SystemExit):

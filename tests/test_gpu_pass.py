@@ -115,6 +115,10 @@ def test_plans_stay_within_what_a_device_run_returns(tmp_path):
     assert [s.name for s in steps] == ["checkpoint-janus-pro-1b", "spec-pass-janus-pro-1b", "bench-spec-janus-pro-1b"]
     assert "--rows 2,32 --windows 8,16,32" in " ".join(steps[1].cmd) and steps[1].needs
     assert "--speculative --window 16" in " ".join(steps[2].cmd) and steps[2].time_limit_flag
+    # flow: JanusFlow-1.3B's checkpoint and its bench JSON, whatever the --arch
+    steps = gp.plan_steps(tmp_path, tmp_path, "x", "t", ["flow"], ["janus-pro-7b"], dry_run=False)
+    assert [s.name for s in steps] == ["checkpoint-janusflow-1.3b", "bench-flow-janusflow-1.3b"]
+    assert "bench --arch janusflow-1.3b" in " ".join(steps[1].cmd) and steps[1].needs and gp.count_files(steps) == 3
 
 
 def test_refusals(tmp_path, capsys):

@@ -15,6 +15,7 @@ from ..checkpoint import WeightFiles, load_state_into
 from ..config import JanusConfig
 from ..checks import (check_count, check_sampling, check_seed, check_speculative,  # noqa: F401 (the CLI imports
                       check_top_k)  # them from here)
+from ..flow_config import is_janusflow, read_config_dict
 from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path_of, setting
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
@@ -98,20 +99,24 @@ def new_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,)).item())
 
 
+def prompt_list(prompt) -> list[str]:
+    """A prompt or a non-empty list of them, as a list of strings."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"{arg('prompt')} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompt:
+        raise InputError(f"the {arg('prompt')} list is empty; pass at least one prompt")
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str):
+            raise InputError(f"{arg('prompt')}[{i}] must be a string, got {type(p).__name__}")
+    return list(prompt)
+
+
 def image_token_rows(tokenizer: JanusTokenizer, cfg: JanusConfig, prompt, num_images: int) -> list[list[int]]:
     """The interleaved CFG token rows of an image request: per prompt, num_images × (conditional,
     unconditional). Needs only the tokenizer and config files, so the CLI checks a request before it loads."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, (list, tuple)):
-        prompts = list(prompt)
-        if not prompts:
-            raise InputError(f"the {arg('prompt')} list is empty; pass at least one prompt")
-    else:
-        raise InputError(f"{arg('prompt')} must be a string or a list of strings, got {type(prompt).__name__}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise InputError(f"{arg('prompt')}[{i}] must be a string, got {type(p).__name__}")
+    prompts = prompt_list(prompt)
     check_count("num_images", num_images)
     n_tok, limit = cfg.num_image_tokens, cfg.language.max_position_embeddings
     rows: list[list[int]] = []
@@ -652,6 +657,14 @@ def check_model_dir(path) -> Path:
     return path
 
 
+def check_processor(path: Path, tokenizer: JanusTokenizer, cfg) -> None:
+    """The processor files and config.json's vision tower must agree on the understanding image."""
+    proc, v = tokenizer.processor, cfg.vision
+    if proc.num_image_tokens != v.num_patches or proc.image_size != v.image_size:
+        raise ConfigError(f"{path}: processor files say {proc.num_image_tokens} image tokens at {proc.image_size} px "
+                          f"but config.json's vision tower gives {v.num_patches} at {v.image_size} px")
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on the device now (CUDA), or the host's available RAM (Linux), else None."""
     if device.type == "cuda":
@@ -686,7 +699,7 @@ def resolve_quantization(cfg: JanusConfig, path: Path, quantize, quantize_heads,
 def load(path, device=None, dtype=None, progress: bool = False, backend: str | None = None,
          cuda_graphs: bool | str = "auto", max_rows: int | None = None, max_len: int | None = None,
          warmup: bool = False, quantize: str | None = None, quantize_heads: bool = False,
-         kv_cache: str | None = None, onnx_dir=None, onnx_providers="auto") -> JanusPipeline:
+         kv_cache: str | None = None, onnx_dir=None, onnx_providers="auto", vae=None) -> JanusPipeline:
     """Load a Janus checkpoint folder in the official hub layout (config.json, weights, tokenizer files).
 
     backend: "triton" (fused kernels; the default on CUDA) or "torch" (plain torch; the default on the CPU).
@@ -707,12 +720,26 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
     decode_image_tokens then run SigLIP and the VQ decoder on ONNX Runtime (onnx_providers: "auto" takes
     TensorRT, CUDA, then CPU, whichever onnxruntime offers; `pipe.onnx.providers` says what each took).
 
+    JanusFlow (a config.json with `vision_gen_enc_config`) loads as a JanusFlowPipeline (engine/flow_pipeline.py):
+    its SDXL VAE from `vae` (a diffusers AutoencoderKL folder) or else the model folder's vae/. The 8-bit,
+    fp8-KV, ONNX and max_rows/max_len options are Janus-only and refused for it.
+
     The pipeline serialises its requests (a lock) and frees its device memory on close(), at the end of a
     `with` block, or when the last reference to it goes."""
     if not isinstance(warmup, bool):
         raise InputError(f"{arg('warmup')} must be True or False, got {warmup!r}")
     t0 = time.perf_counter()
     path = check_model_dir(path)
+    if is_janusflow(read_config_dict(path)):
+        from .flow_pipeline import load_janusflow
+        dev, dt = resolve_device_dtype(device, dtype)
+        return load_janusflow(path, dev, dt, resolve_backend(backend, dev), cuda_graphs, progress, warmup, vae,
+                              max_rows=(max_rows, None), max_len=(max_len, None), quantize=(quantize, None),
+                              quantize_heads=(quantize_heads, False), kv_cache=(kv_cache, None),
+                              onnx_dir=(onnx_dir, None))
+    if vae is not None:
+        raise InputError(f"{arg('vae')} applies to JanusFlow checkpoints; {path} is a Janus checkpoint, whose "
+                         "images are decoded by its own VQ model: drop it")
     cfg = JanusConfig.from_file(path)
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
@@ -726,10 +753,7 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
         ort_vision = OrtVision(onnx_dir, onnx_providers, fingerprint=model_fingerprint(path), model_dir=path)
     graphs = resolve_cuda_graphs(cuda_graphs, dev, backend)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
-    proc = tokenizer.processor
-    if proc.num_image_tokens != cfg.vision.num_patches or proc.image_size != cfg.vision.image_size:
-        raise ConfigError(f"{path}: processor files say {proc.num_image_tokens} image tokens at {proc.image_size} px "
-                          f"but config.json's vision tower gives {cfg.vision.num_patches} at {cfg.vision.image_size} px")
+    check_processor(path, tokenizer, cfg)
     with torch.device("meta"):
         model = JanusModel(cfg)
         if qc:
@@ -749,6 +773,11 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
         plan = plan_memory(cfg, model.kv_dtype.itemsize, free_memory(dev), max_rows=max_rows, max_len=max_len)
     pipe = JanusPipeline(model, tokenizer, dev, dt, files, path, backend, graphs, plan)
     pipe.quantization, pipe.kv_cache, pipe.onnx = qc, kv_cache, ort_vision
+    return finish_load(pipe, t0, warmup)
+
+
+def finish_load(pipe: JanusPipeline, t0: float, warmup: bool) -> JanusPipeline:
+    """load_timings (load since t0, and the warm-up when asked for), then the pipeline."""
     t1 = time.perf_counter()
     pipe.load_timings = {"load_s": t1 - t0, "warmup_s": 0.0}
     if warmup:

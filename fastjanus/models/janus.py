@@ -125,10 +125,16 @@ class JanusModel(nn.Module):
 
 def known_unused_key(key: str, cfg: JanusConfig) -> bool:
     """Checkpoint keys that the official model carries but inference never reads."""
-    if key.startswith("vision_model.vision_tower.attn_pool.") or key == "gen_vision_model.quantize.codebook_used":
+    return key == "gen_vision_model.quantize.codebook_used" or unused_siglip_key(key, "vision_model.", cfg.vision)
+
+
+def unused_siglip_key(key: str, prefix: str, vision) -> bool:
+    """SigLIP keys under `prefix` that inference never reads: the attention-pooling head, and the blocks that
+    select_layer drops (Janus's `vision_model.`, JanusFlow's `vision_und_enc_model.`)."""
+    if key.startswith(prefix + "vision_tower.attn_pool."):
         return True
-    prefix = "vision_model.vision_tower.blocks."
-    if key.startswith(prefix):  # blocks dropped by select_layer
-        idx = key[len(prefix):].split(".", 1)[0]
-        return idx.isdigit() and int(idx) >= cfg.vision.layers_used
+    blocks = prefix + "vision_tower.blocks."
+    if key.startswith(blocks):
+        idx = key[len(blocks):].split(".", 1)[0]
+        return idx.isdigit() and int(idx) >= vision.layers_used
     return False

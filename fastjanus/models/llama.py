@@ -222,6 +222,21 @@ class Attention(nn.Module):
         o = causal_attention(q, k, v)  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
+    def block(self, x, cos, sin, mask, prefix_k=None, prefix_v=None, out_k=None, out_v=None):
+        """x [B, T, D], a block of tokens per row attending to prefix_k/v [B, Hkv, P, hd] (already rotated) and to
+        the block itself under mask [B, 1, T, P + T] (bool, True = attend): JanusFlow's prompt and its flow
+        steps. out_k/out_v [B, Hkv, ≥T, hd]: where to keep the block's rotated K/V (the prompt, computed once)."""
+        B, T, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))  # [B, H, T, hd], [B, Hkv, T, hd] ×2
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if out_k is not None:
+            out_k[:, :, :T] = k
+            out_v[:, :, :T] = v
+        if prefix_k is not None:
+            k, v = torch.cat((prefix_k, k), 2), torch.cat((prefix_v, v), 2)  # [B, Hkv, P + T, hd]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
     def decode(self, x, k_cache, v_cache, lengths, rope, ops: DecodeOps, **kv_scales):
         """x [B, D], one new token per row at slot lengths[b] (its rotary position); attends over slots
         0..lengths[b] and appends the new K/V (rotated) to the cache. kv_scales: k_scale, v_scale of an e4m3
@@ -305,6 +320,23 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.prefill(x, cos, sin, cache.k[i], cache.v[i], **cache.layer_scales(i))
         cache.lengths.copy_(lengths)
+        return self.norm(x)
+
+    def block(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, prefix=None,
+              out=None) -> torch.Tensor:
+        """A block of T tokens per row with an explicit attention mask (JanusFlow): x [B, T, D] embeddings at rotary
+        positions [B, T] → normed hidden [B, T, D]. mask [B, 1, T, P + T] bool (True = attend) covers the prefix's
+        P slots, then the block. prefix: per-layer rotated (k, v) [B, Hkv, P, hd] computed by an earlier block,
+        or None (P = 0). out: per-layer (k, v) buffers [B, Hkv, ≥T, hd] that receive this block's rotated K/V.
+        Plain torch ops (cuBLAS GEMMs, SDPA with a mask) and no host reads: graph-capturable."""
+        c, s = self.rope[positions, 0], self.rope[positions, 1]  # [B, T, hd/2] fp32
+        cos = torch.cat((c, c), -1).to(x.dtype)[:, None]  # [B, 1, T, hd], rounded like the prefill's
+        sin = torch.cat((s, s), -1).to(x.dtype)[:, None]
+        for i, layer in enumerate(self.layers):
+            pk, pv = prefix[i] if prefix is not None else (None, None)
+            ok, ov = out[i] if out is not None else (None, None)
+            x = x + layer.self_attn.block(layer.input_layernorm(x), cos, sin, mask, pk, pv, ok, ov)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
     def decode(self, x: torch.Tensor, cache: KVCache, backend: str = "torch", bound: int | None = None) -> torch.Tensor:
