@@ -263,9 +263,9 @@ def cmd_generate(args) -> int:
     check_speculative(args.speculative, _window(args))
     if args.speculative and args.kv_cache:
         raise InputError(f"--speculative does not support --kv-cache {args.kv_cache} yet; drop one of them")
-    if args.engine == "onnx":
+    if args.engine == "onnx" and not _flow_model_arg(args):  # (JanusFlow refuses --engine onnx below)
         _check_onnx_flags(args)
-    else:
+    elif args.engine != "onnx":
         _check_runtime_flags(args)
     out = prepare_out_dir(args.out)
     path = _model_arg(args)

@@ -381,7 +381,8 @@ def test_cli_generate_info_and_refusals(flow_dir, tmp_path, capsys):
     for flags, msg in ((["--temperature", "0"], "--temperature: JanusFlow makes images by rectified flow"),
                        (["--steps", "0"], "--steps must be an integer >= 1"),
                        (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
-                       (["--speculative"], "--speculative: JanusFlow")):
+                       (["--speculative"], "--speculative: JanusFlow"),
+                       (["--engine", "onnx"], "--engine onnx: JanusFlow")):
         assert main(["generate", "--model", str(flow_dir), "--prompt", "x", "--out", str(out), *flags]) == 2
         assert msg in capsys.readouterr().err
     assert main(["info", "--model", str(flow_dir)]) == 0
