@@ -435,3 +435,29 @@ def test_latents_are_not_changed(pipe):
     for cache in (True, False):
         pipe.generate_image_latents("a fox", 1, steps=2, latents=noise, cache_prompt=cache)
         assert torch.equal(noise, keep)
+
+
+def test_graph_buckets_on_the_cpu(flow_dir, monkeypatch):
+    """The CUDA-Graph path's bookkeeping without a GPU: capture stubbed out, so each bucket's static step runs
+    eagerly on its padded buffers. Buckets are reused for shorter prompts, at most FLOW_GRAPHS_KEPT are kept
+    (least recently used dropped), and every result equals the exact-size eager run."""
+    from fastjanus.engine import flow_pipeline
+    captured = []
+    monkeypatch.setattr(FlowStep, "capture", lambda self, pool=None: captured.append((self.N, self.P)))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(flow_pipeline, "FLOW_GRAPHS_KEPT", 2)
+    g = fastjanus.load(flow_dir, device="cpu", dtype=torch.float32)
+    e = fastjanus.load(flow_dir, device="cpu", dtype=torch.float32)
+    g.cuda_graphs = True
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    for prompts, n in ((["a red fox in the snow"], 2), (["a dog"], 2), (["a cabin", "a boat", "sea"], 1),
+                       (["a tree"], 1), (["a red fox in the snow"], 2)):
+        k = len(prompts) * n
+        got = g.generate_image_latents(prompts, n, steps=2, latents=noise[:k])
+        torch.testing.assert_close(got, e.generate_image_latents(prompts, n, steps=2, latents=noise[:k]),
+                                   atol=ATOL, rtol=0)
+        assert g.last_timings["cuda_graphs"] and len(g._steps) <= 2
+    T = 1 + g.cfg.num_gen_tokens
+    assert all((P + T) % 64 == 0 for _, P in captured)
+    # (2, P) was reused by the shorter prompt, then dropped as least recently used and captured again
+    assert [n for n, _ in captured] == [2, 3, 1, 2]
