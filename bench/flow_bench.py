@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..engine.flow_pipeline import flow_prompt_ids
 from ..engine.pipeline import load, resolve_device_dtype
 from ..errors import InputError, arg
 from ..random_init import cached_random_model
-from .harness import device_info, package_versions, random_prompt
+from .harness import _median, device_info, package_versions, random_prompt
 from .roofline import count_flops, matmul_throughput
 
 # scenario → (images, prompt words). The long prompt (about 300 tokens) is where computing it once matters most:
@@ -63,10 +62,6 @@ def _timed(pipe, fn, repeats: int, warmup: int) -> list[dict]:
     for tm in out:
         tm["first_capture_s"] = first
     return out
-
-
-def _med(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
 
 
 def run_flow_bench(path: Path, device=None, dtype=None, scenarios=("t2i-1", "t2i-16"), steps: int = 30,
@@ -113,12 +108,13 @@ def run_flow_bench(path: Path, device=None, dtype=None, scenarios=("t2i-1", "t2i
                "step_flops": flops, "official_step_flops": flops_official,
                "max_abs_latent_diff_vs_official_loop": float((z_ours - z_base).abs().max()), "variants": {}}
         for k, runs in variants.items():
-            step = _med(runs, "step_s")
+            step = _median(runs, "step_s")
             f = flops_official if k == "official loop" else flops
-            out["variants"][k] = {"runs": len(runs), "step_ms": step * 1e3, "prompt_ms": _med(runs, "prompt_s") * 1e3,
+            out["variants"][k] = {"runs": len(runs), "step_ms": step * 1e3,
+                                  "prompt_ms": _median(runs, "prompt_s") * 1e3,
                                   "graph_capture_s": runs[0]["first_capture_s"],
-                                  "latents_s": _med(runs, "total_s"), "vae_s": _med(runs, "vae_s"),
-                                  "total_s": _med(runs, "wall_s"), "step_tflops": f / step / 1e12,
+                                  "latents_s": _median(runs, "total_s"), "vae_s": _median(runs, "vae_s"),
+                                  "total_s": _median(runs, "wall_s"), "step_tflops": f / step / 1e12,
                                   "matmul_fraction": f / step / 1e12 / tflops,
                                   "cuda_graphs": runs[0]["cuda_graphs"]}
         base = out["variants"]["official loop"]

@@ -46,12 +46,10 @@ def _check_runtime_flags(args) -> None:
     from .engine.pipeline import check_static_options, resolve_backend, resolve_cuda_graphs, resolve_device_dtype
     dev, _ = resolve_device_dtype(args.device, args.dtype)
     backend = resolve_backend(args.backend, dev)
-    if _flow_model_arg(args):  # JanusFlow's graphs capture its plain-torch flow step: any backend, CUDA only
-        if args.cuda_graphs == "on" and dev.type != "cuda":
-            raise InputError(f"--cuda-graphs on needs a CUDA device, but the device is {dev}; use --cuda-graphs off")
-        return
-    resolve_cuda_graphs(_GRAPHS[args.cuda_graphs], dev, backend)
-    check_static_options(backend, args.max_rows, args.max_len)
+    flow = _flow_model_arg(args)  # JanusFlow's graphs capture its plain-torch flow step: any backend
+    resolve_cuda_graphs(_GRAPHS[args.cuda_graphs], dev, backend, needs_triton=not flow)
+    if not flow:  # (JanusFlow refuses max_rows/max_len itself, at load)
+        check_static_options(backend, args.max_rows, args.max_len)
 
 
 def _flow_model_arg(args) -> bool:

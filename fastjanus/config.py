@@ -267,6 +267,38 @@ class VQConfig:
         return p
 
 
+# ------------------------------------------------------------------------------- the official layout
+def read_config_file(path: str | Path, family: str) -> tuple[dict, Path]:
+    """A model folder's (or a file's) config.json as a dict, and its path; a missing or damaged file is explained."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{path}: no such file; a {family} model directory must contain config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as JSON ({e}). The file is damaged or is not the model's "
+                          "config.json: download config.json again from the model's page (the other files of "
+                          "the checkpoint can stay)") from None
+
+
+def sub_config_params(d: dict, table: dict, accepts) -> dict[str, dict]:
+    """The `params` of each `{cls, model_type, params}` sub-config named in table (key → (class, model_type)),
+    with accepts(cls found, class wanted) deciding the class; language_config must be there too."""
+    params = {}
+    for key, (want_cls, _) in table.items():
+        sub = d.get(key)
+        _require(isinstance(sub, dict), f"missing or malformed {key!r}")
+        got = sub.get("cls")
+        _require(accepts(got, want_cls), f"{key}.cls is {got!r}; the only supported class is {want_cls!r}")
+        p = sub.get("params", {})
+        _require(isinstance(p, dict), f"{key}.params must be an object")
+        params[key] = p
+    _require("language_config" in d, "missing 'language_config'")
+    return params
+
+
 # ------------------------------------------------------------------------------------------ Janus
 _CLS = {"vision_config": ("CLIPVisionTower", "vision"), "aligner_config": ("MlpProjector", "aligner"),
         "gen_vision_config": ("VQ-16", "gen_vision"), "gen_aligner_config": ("MlpProjector", "gen_aligner"),
@@ -322,16 +354,7 @@ class JanusConfig:
         _require(mt == "multi_modality",
                  f"model_type is {mt!r}; fastjanus reads the official Janus layout ('multi_modality'). "
                  "A transformers-format Janus checkpoint ('janus') must be converted back first")
-        params = {}
-        for key, (want_cls, _) in _CLS.items():
-            sub = d.get(key)
-            _require(isinstance(sub, dict), f"missing or malformed {key!r}")
-            got = sub.get("cls")
-            _require(got == want_cls, f"{key}.cls is {got!r}; the only supported class is {want_cls!r}")
-            p = sub.get("params", {})
-            _require(isinstance(p, dict), f"{key}.params must be an object")
-            params[key] = p
-        _require("language_config" in d, "missing 'language_config'")
+        params = sub_config_params(d, _CLS, lambda got, want: got == want)
         gh = params["gen_head_config"]
         try:
             gen_head = GenHeadConfig(n_embed=gh["n_embed"], image_token_embed=gh["image_token_embed"],
@@ -349,17 +372,7 @@ class JanusConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JanusConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"{path}: no such file; a Janus model directory must contain config.json")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read as JSON ({e}). The file is damaged or is not the model's "
-                              "config.json: download config.json again from the model's page (the other files of "
-                              "the checkpoint can stay)") from None
+        d, path = read_config_file(path, "Janus")
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LlamaConfig, VisionConfig, _positive_ints, _require
-from .errors import CheckpointNotFoundError, ConfigError
+from .config import LlamaConfig, VisionConfig, _positive_ints, _require, read_config_file, sub_config_params
+from .errors import ConfigError
 
 # The size of the generated picture. The official code hard-codes it (a 48×48 latent of the 8× SDXL VAE); small
 # test configs give `image_size` in vision_gen_enc_config.params, which the official constructor's **kwargs
@@ -195,17 +195,8 @@ class JanusFlowConfig:
         _require(isinstance(d, dict), "top level must be a JSON object")
         mt = d.get("model_type")
         _require(mt == "multi_modality", f"model_type is {mt!r}; the official JanusFlow layout has 'multi_modality'")
-        params = {}
-        for key, (want_cls, _) in _FLOW_CLS.items():
-            sub = d.get(key)
-            _require(isinstance(sub, dict), f"missing or malformed {key!r}")
-            got = sub.get("cls")
-            _require(isinstance(got, str) and want_cls in got,
-                     f"{key}.cls is {got!r}; the only supported class is {want_cls!r}")
-            p = sub.get("params", {})
-            _require(isinstance(p, dict), f"{key}.params must be an object")
-            params[key] = p
-        _require("language_config" in d, "missing 'language_config'")
+        # the official model_name_to_cls matches by substring ("CLIPVisionTower" in cls)
+        params = sub_config_params(d, _FLOW_CLS, lambda got, want: isinstance(got, str) and want in got)
         v = params["vision_und_enc_config"]
         _require(v.get("pixel_mean") is None and v.get("pixel_std") is None,
                  "vision_und_enc_config.params.pixel_mean/pixel_std are not supported (the processor normalises)")
@@ -221,13 +212,8 @@ class JanusFlowConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JanusFlowConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"{path}: no such file; a JanusFlow model directory must contain "
-                                          "config.json")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        d, path = read_config_file(path, "JanusFlow")
+        return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
         def sub(key: str, p: dict) -> dict:

@@ -22,10 +22,27 @@ from __future__ import annotations
 import torch
 
 from ..models.janusflow import JanusFlowModel
+from .graphs import capture_graph
 
 
 def _causal(T: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()  # [T, T]
+
+
+def _sequence_mask(keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, S] bool (False: masked out as a key) → [B, 1, S, S]: causal over the keys, and every query sees
+    itself, so a masked position's row is never empty (its output is never read back)."""
+    S = keys.shape[1]
+    mask = (_causal(S, keys.device)[None] & keys[:, None, :])[:, None]
+    return mask | torch.eye(S, dtype=torch.bool, device=keys.device)[None, None]
+
+
+def _token_rows(rows: list[list[int]], width: int, pad_id: int, device) -> torch.Tensor:
+    """Token rows right-padded with pad_id to [len(rows), width], on device."""
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+    return tokens.to(device)
 
 
 class Prompts:
@@ -43,9 +60,6 @@ class Prompts:
     def images(self) -> int:  # N: images in the request
         return len(self.image_prompt)
 
-    def row_prompt(self) -> list[int]:  # the prompt of each of the N conditional rows
-        return self.image_prompt
-
     def chunk(self, a: int, b: int) -> "Prompts":
         """Images a..b−1 alone, with only the prompts they use."""
         used = list(dict.fromkeys(self.image_prompt[a:b]))
@@ -54,8 +68,8 @@ class Prompts:
 
     def masks(self, P: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix key mask [2N, P] bool, the new block's first position [2N] long)."""
-        N, rp = self.images, self.row_prompt()
-        L = torch.tensor([self.lengths[p] for p in rp], device=device)  # [N]
+        N = self.images
+        L = torch.tensor([self.lengths[p] for p in self.image_prompt], device=device)  # [N]
         slots = torch.arange(P, device=device)
         cond = slots[None] < L[:, None]  # [N, P]
         uncond = (slots == 0)[None].expand(N, P)  # BOS only
@@ -73,30 +87,20 @@ class Prefix:
         k, v = self.kv[i]
         return k[self.rows], v[self.rows]
 
-    def __len__(self) -> int:
-        return len(self.kv)
 
-
-def prompt_prefix(model: JanusFlowModel, prompts: Prompts, P: int | None = None) -> Prefix:
+def prompt_prefix(model: JanusFlowModel, prompts: Prompts) -> Prefix:
     """The K/V of every prompt, computed once (each distinct prompt runs once; its rows read it through
-    Prefix.rows). P >= the longest prompt."""
-    dev, cfg = model.device, model.cfg.language
-    P = prompts.P if P is None else P
-    n = len(prompts.ids)
-    tokens = torch.full((n, P), prompts.pad_id, dtype=torch.long)
-    for i, r in enumerate(prompts.ids):
-        tokens[i, :len(r)] = torch.tensor(r)
-    tokens = tokens.to(dev)
+    Prefix.rows), over the longest prompt's P slots."""
+    dev, cfg, P, n = model.device, model.cfg.language, prompts.P, len(prompts.ids)
+    tokens = _token_rows(prompts.ids, P, prompts.pad_id, dev)
     L = torch.tensor(prompts.lengths, device=dev)
-    valid = torch.arange(P, device=dev)[None] < L[:, None]  # [n, P]
-    mask = (_causal(P, dev)[None] & valid[:, None, :])[:, None]  # [n, 1, P, P]
-    mask |= torch.eye(P, dtype=torch.bool, device=dev)[None, None]  # padding queries see themselves: no empty row
+    mask = _sequence_mask(torch.arange(P, device=dev)[None] < L[:, None])  # [n, 1, P, P]
     shape = (n, cfg.num_key_value_heads, P, cfg.head_dim)
     out = [(torch.empty(shape, device=dev, dtype=model.dtype), torch.empty(shape, device=dev, dtype=model.dtype))
            for _ in range(cfg.num_hidden_layers)]
     positions = torch.arange(P, device=dev)[None].expand(n, P)
     model.llm.block(model.embed_text(tokens), positions, mask, out=out)
-    return Prefix(out, torch.tensor(prompts.row_prompt() * 2, device=dev))  # [2N]: conditional, unconditional
+    return Prefix(out, torch.tensor(prompts.image_prompt * 2, device=dev))  # [2N]: conditional, unconditional
 
 
 def guided_update(z: torch.Tensor, v: torch.Tensor, w: torch.Tensor, dt: torch.Tensor) -> None:
@@ -169,23 +173,9 @@ class FlowStep:
             self._step()
 
     def capture(self, pool=None) -> None:
-        """Record the step in a CUDA Graph (a few warm-up runs on a side stream first, as torch requires), on the
-        model's device (cuda:1 captures on cuda:1, whatever the current device). The warm-up runs change z;
-        load() sets it again before every request."""
-        with torch.cuda.device(self.model.device):
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._step()
-        self.graph = g
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.prefix)
+        """Record the step in a CUDA Graph (graphs.capture_graph). Its warm-up runs change z; load() sets it again
+        before every request."""
+        self.graph = capture_graph(self._step, self.model.device, pool)
 
 
 def recompute_step(model: JanusFlowModel, prompts: Prompts, z: torch.Tensor, t: float, cfg_weight: float,
@@ -194,20 +184,15 @@ def recompute_step(model: JanusFlowModel, prompts: Prompts, z: torch.Tensor, t: 
     (unconditional rows: pad tokens after BOS, masked as keys). Updates z [N, C, H, W] fp32 in place. The
     baseline of `fastjanus bench --arch janusflow-1.3b` and the oracle of the cached step."""
     dev, P, N = model.device, prompts.P, prompts.images
-    rp = prompts.row_prompt()
-    tokens = torch.full((2 * N, P), prompts.pad_id, dtype=torch.long)
-    for r, p in enumerate(rp):
-        ids = prompts.ids[p]
-        tokens[r, :len(ids)] = torch.tensor(ids)
-        tokens[N + r, 0] = ids[0]  # unconditional: BOS, then pad
+    cond = [prompts.ids[p] for p in prompts.image_prompt]
+    tokens = _token_rows(cond + [r[:1] for r in cond], P, prompts.pad_id, dev)  # unconditional: BOS, then pad
     pmask, start = prompts.masks(P, dev)  # [2N, P], [2N]
     z2 = torch.cat((z, z))
     x, x_emb, t_emb = model.flow_inputs(z2, torch.full((2 * N,), t, device=dev, dtype=torch.float32))
     T = x.shape[1]
-    seq = torch.cat((model.embed_text(tokens.to(dev)), x), 1)  # [2N, P + T, D]
+    seq = torch.cat((model.embed_text(tokens), x), 1)  # [2N, P + T, D]
     keys = torch.cat((pmask, torch.ones(2 * N, T, dtype=torch.bool, device=dev)), 1)  # [2N, P + T]
-    mask = (_causal(P + T, dev)[None] & keys[:, None, :])[:, None]  # [2N, 1, P + T, P + T]
-    mask |= torch.eye(P + T, dtype=torch.bool, device=dev)[None, None]  # masked queries: never an empty row
+    mask = _sequence_mask(keys)  # [2N, 1, P + T, P + T]
     positions = torch.cat((torch.arange(P, device=dev)[None].expand(2 * N, P),
                            start[:, None] + torch.arange(T, device=dev)[None]), 1)
     h = model.llm.block(seq, positions, mask)[:, P + 1:]  # [2N, G, D]

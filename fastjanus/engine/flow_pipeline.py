@@ -18,7 +18,8 @@ from ..flow_config import JanusFlowConfig
 from ..image import to_pil
 from ..models.janusflow import JanusFlowModel
 from .flow import FlowStep, Prompts, prompt_prefix, recompute_step
-from .pipeline import JanusPipeline, _serialised, check_processor, finish_load, prompt_list, question_ids
+from .pipeline import (JanusPipeline, _serialised, check_processor, finish_load, prompt_list, question_ids,
+                       resolve_cuda_graphs)
 
 # Images per flow step: a larger request runs in chunks of this many. At 16 images a Pro-size step is 32 rows
 # × 577 tokens ≈ 18k tokens through the 1.3B LLM (≈ 45 TFLOP), well inside the compute-bound regime (arithmetic,
@@ -314,10 +315,10 @@ def resolve_vae_dir(path: Path, vae, required: bool = True) -> Path | None:
     return d
 
 
-def load_janusflow(path: Path, dev: torch.device, dt: torch.dtype, backend: str, cuda_graphs, progress: bool,
-                   warmup: bool, vae=None, **unsupported) -> JanusFlowPipeline:
-    """load() for a JanusFlow folder (its device, dtype and backend already resolved). Without a VAE (no vae= and
-    no vae/ folder) it loads for understanding and latents; decoding then names what is missing."""
+def load_janusflow(path: Path, cfg: JanusFlowConfig, dev: torch.device, dt: torch.dtype, backend: str, cuda_graphs,
+                   progress: bool, warmup: bool, vae=None, **unsupported) -> JanusFlowPipeline:
+    """load() for a JanusFlow folder (its config read, its device, dtype and backend resolved). Without a VAE (no
+    vae= and no vae/ folder) it loads for understanding and latents; decoding then names what is missing."""
     from ..checkpoint import load_state_into
     from ..models.janusflow import flow_known_unused_key
     from ..models.sdxl_vae import VAEConfig, load_vae, vae_latent_check
@@ -325,16 +326,10 @@ def load_janusflow(path: Path, dev: torch.device, dt: torch.dtype, backend: str,
     for name, (value, default) in unsupported.items():
         _refuse(name, value, default)
     t0 = time.perf_counter()
-    cfg = JanusFlowConfig.from_file(path)
     vae_dir = resolve_vae_dir(path, vae, required=False)
     if vae_dir is not None:  # checked before any weight is read
         vae_latent_check(VAEConfig.from_file(vae_dir), cfg.latent_channels, cfg.latent_size, cfg.image_size)
-    if cuda_graphs not in (True, False, "auto"):
-        raise InputError(f"{arg('cuda_graphs')} must be True, False or 'auto', got {cuda_graphs!r}")
-    if cuda_graphs is True and dev.type != "cuda":
-        raise InputError(f"{setting('cuda_graphs', True)} needs a CUDA device, but the device is {dev}; use "
-                         f"{setting('cuda_graphs', False)}")
-    graphs = dev.type == "cuda" if cuda_graphs == "auto" else bool(cuda_graphs)
+    graphs = resolve_cuda_graphs(cuda_graphs, dev, backend, needs_triton=False)
     tokenizer = JanusTokenizer(path, cfg.language.vocab_size)
     check_processor(path, tokenizer, cfg)
     with torch.device("meta"):

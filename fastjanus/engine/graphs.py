@@ -52,6 +52,24 @@ class KVPool:
         return KVCache.from_buffers(self.k[:n].view(shape), self.v[:n].view(shape), lengths, self.scales)
 
 
+def capture_graph(step, device: torch.device, pool=None, side_stream=None) -> "torch.cuda.CUDAGraph":
+    """step() recorded in a CUDA Graph on `device` (cuda:1 captures on cuda:1, whatever the current device):
+    two eager warm-up runs on a side stream first (they compile the Triton kernels and create cuBLAS handles, and
+    torch requires them), then the capture into `pool`. The warm-up runs write whatever step() writes; the
+    caller resets its state afterwards."""
+    with torch.cuda.device(device), torch.inference_mode():
+        s = side_stream or torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            step()
+    return g
+
+
 class _Graphed:
     """A step over static buffers, run eagerly or captured once as a CUDA Graph and replayed. Subclasses define
     step() (touching only their buffers and the weights) and _reset_for_warmup()."""
@@ -71,17 +89,7 @@ class _Graphed:
         """Eager warm-up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then capture.
         The warm-up writes garbage into this bucket's cache and state; start() resets all of it."""
         self._reset_for_warmup()
-        with torch.cuda.device(self.device), torch.inference_mode():  # cuda:1 captures on cuda:1
-            s = self.side_stream or torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self.step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.graph_pool):
-                self.step()
-        self.graph = g
+        self.graph = capture_graph(self.step, self.device, self.graph_pool, self.side_stream)
         self.compiled = True
 
     def ensure_graph(self) -> None:

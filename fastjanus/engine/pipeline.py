@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from ..checkpoint import WeightFiles, load_state_into
-from ..config import JanusConfig
+from ..config import JanusConfig, read_config_file
 from ..checks import (check_count, check_sampling, check_seed, check_speculative,  # noqa: F401 (the CLI imports
                       check_top_k)  # them from here)
-from ..flow_config import is_janusflow, read_config_dict
+from ..flow_config import JanusFlowConfig, is_janusflow
 from ..errors import CheckpointNotFoundError, ConfigError, InputError, arg, path_of, setting
 from ..image import preprocess, to_pil
 from ..kernels import triton_status
@@ -621,16 +621,17 @@ def _vq_processor(proc, size):
     return replace(proc, image_size=size, do_normalize=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 
 
-def resolve_cuda_graphs(cuda_graphs, device: torch.device, backend: str) -> bool:
-    """"auto": on for CUDA with the triton backend. True is checked and explained."""
+def resolve_cuda_graphs(cuda_graphs, device: torch.device, backend: str, needs_triton: bool = True) -> bool:
+    """"auto": on for CUDA with the triton backend. True is checked and explained. needs_triton=False: what is
+    captured is plain torch (JanusFlow's flow step), so any backend; "auto" is on for CUDA."""
     if cuda_graphs not in (True, False, "auto"):
         raise InputError(f"{arg('cuda_graphs')} must be True, False or 'auto', got {cuda_graphs!r}")
     if cuda_graphs == "auto":  # not with TRITON_INTERPRET=1: the interpreter copies to the host every launch
-        return device.type == "cuda" and backend == "triton" and not triton_status()[1]
+        return device.type == "cuda" and (not needs_triton or backend == "triton" and not triton_status()[1])
     if cuda_graphs and device.type != "cuda":
         raise InputError(f"{setting('cuda_graphs', True)} needs a CUDA device, but the device is {device}; use "
                          f"{setting('cuda_graphs', False)}")
-    if cuda_graphs and backend != "triton":
+    if cuda_graphs and needs_triton and backend != "triton":
         raise InputError(f"{setting('cuda_graphs', True)} needs {setting('backend', 'triton')}: the torch "
                          "backend's sampler reads host values every step and cannot be captured")
     return bool(cuda_graphs)
@@ -730,17 +731,19 @@ def load(path, device=None, dtype=None, progress: bool = False, backend: str | N
         raise InputError(f"{arg('warmup')} must be True or False, got {warmup!r}")
     t0 = time.perf_counter()
     path = check_model_dir(path)
-    if is_janusflow(read_config_dict(path)):
+    d, cfg_file = read_config_file(path, "Janus")  # read once; its layout says which family this is
+    if is_janusflow(d):
         from .flow_pipeline import load_janusflow
         dev, dt = resolve_device_dtype(device, dtype)
-        return load_janusflow(path, dev, dt, resolve_backend(backend, dev), cuda_graphs, progress, warmup, vae,
+        return load_janusflow(path, JanusFlowConfig.from_dict(d, source=str(cfg_file)), dev, dt,
+                              resolve_backend(backend, dev), cuda_graphs, progress, warmup, vae,
                               max_rows=(max_rows, None), max_len=(max_len, None), quantize=(quantize, None),
                               quantize_heads=(quantize_heads, False), kv_cache=(kv_cache, None),
                               onnx_dir=(onnx_dir, None))
     if vae is not None:
         raise InputError(f"{arg('vae')} applies to JanusFlow checkpoints; {path} is a Janus checkpoint, whose "
                          "images are decoded by its own VQ model: drop it")
-    cfg = JanusConfig.from_file(path)
+    cfg = JanusConfig.from_dict(d, source=str(cfg_file))
     dev, dt = resolve_device_dtype(device, dtype)
     backend = resolve_backend(backend, dev)
     folder_quant, load_quant = resolve_quantization(cfg, path, quantize, quantize_heads, kv_cache)

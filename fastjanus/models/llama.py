@@ -110,10 +110,12 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) 
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
-def rope_cos_sin(table: torch.Tensor, T: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions 0..T−1 of a `reference.rope_table` → cos, sin [1, 1, T, head_dim] in dtype (for the prefill)."""
-    c, s = table[:T, 0], table[:T, 1]  # [T, hd/2]
-    return torch.cat((c, c), -1).to(dtype)[None, None], torch.cat((s, s), -1).to(dtype)[None, None]
+def rope_cos_sin(table: torch.Tensor, positions, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions of a `reference.rope_table` → cos, sin [B, 1, T, head_dim] in dtype. positions: an int T
+    (0..T−1, B = 1: the prefill) or a [B, T] tensor (per-row positions: JanusFlow's blocks)."""
+    rows = table[:positions][None] if isinstance(positions, int) else table[positions]  # [B, T, 2, hd/2] fp32
+    c, s = rows[..., 0, :], rows[..., 1, :]
+    return torch.cat((c, c), -1).to(dtype)[:, None], torch.cat((s, s), -1).to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -329,9 +331,7 @@ class LlamaModel(nn.Module):
         P slots, then the block. prefix: per-layer rotated (k, v) [B, Hkv, P, hd] computed by an earlier block,
         or None (P = 0). out: per-layer (k, v) buffers [B, Hkv, ≥T, hd] that receive this block's rotated K/V.
         Plain torch ops (cuBLAS GEMMs, SDPA with a mask) and no host reads: graph-capturable."""
-        c, s = self.rope[positions, 0], self.rope[positions, 1]  # [B, T, hd/2] fp32
-        cos = torch.cat((c, c), -1).to(x.dtype)[:, None]  # [B, 1, T, hd], rounded like the prefill's
-        sin = torch.cat((s, s), -1).to(x.dtype)[:, None]
+        cos, sin = rope_cos_sin(self.rope, positions, x.dtype)  # [B, 1, T, hd], rounded like the prefill's
         for i, layer in enumerate(self.layers):
             pk, pv = prefix[i] if prefix is not None else (None, None)
             ok, ov = out[i] if out is not None else (None, None)
