@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARCHES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b")
-PARTS = ("tests", "kernels", "e2e", "quant", "spec", "flow")
+PARTS = ("tests", "kernels", "e2e", "quant", "spec", "flow", "aoti")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (tests/ is run from here)
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -73,6 +73,10 @@ MIN_S = {
     # CPU), and its bench: 1 and 16 images and 1 after a long prompt, 30 steps each, ours (graphs), cached eager
     # and the official loop, plus the VAE
     "checkpoint-flow": 40, "bench-flow": 150,
+    # estimates (never run on a GPU yet): the AOTInductor export of the generator and the VQ decoder for CUDA (on
+    # the 2-core CPU the tiny model's took 3 min, nearly all of it the C++ compiler), the C++ build (30 s on 2
+    # cores), fastjanus-run and the Python runtime at 1 and 16 images
+    "aoti": {"tiny": 5, "janus-1.3b": 360, "janus-pro-1b": 360, "janus-pro-7b": 540},
 }
 DRY_MIN_S = 2.0  # every step of a dry run
 BENCH_SCENARIOS = ["t2i-1", "t2i-16", "throughput", "siglip", "vq-decode", "understand"]
@@ -153,10 +157,10 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
     m = (lambda key, arch=None: DRY_MIN_S) if dry_run else \
         (lambda key, arch=None: MIN_S[key][arch] if arch else MIN_S[key])
     steps: list[Step] = []
-    if {"e2e", "quant", "spec"} & set(parts):
+    if {"e2e", "quant", "spec", "aoti"} & set(parts):
         for a in arches:
             make = "import sys; from fastjanus.random_init import cached_random_model as c; print(c(sys.argv[1]))"
-            part = next(p for p in ("e2e", "quant", "spec") if p in parts)
+            part = next(p for p in ("e2e", "quant", "spec", "aoti") if p in parts)
             steps.append(Step(f"checkpoint-{a}", part, [py, "-c", make, a], m("checkpoint", a), env=dict(cache_env)))
     if "tests" in parts:
         gpu_tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider"]
@@ -232,6 +236,15 @@ def plan_steps(out: Path, work: Path, prefix: str, tag: str, parts: list[str], a
             if dry_run else ["--dtype", "bf16"]
         steps.append(Step(f"bench-flow-{a}", "flow", cmd, m("bench-flow"), outputs=[what], env=dict(cache_env),
                           needs=f"checkpoint-{a}"))
+    if "aoti" in parts:  # the Python-free runner (export-aoti + CMakeLists.txt) against the Python runtime
+        for a in arches:
+            what = f"{prefix}-{a}-aoti.json"
+            cmd = [py, "-m", "fastjanus.bench.aoti_bench", "--arch", a, "--json", str(out / what), "--work",
+                   str(work / f"aoti-{a}")]
+            cmd += ["--device", "cpu", "--images", "1,2", "--runs", "1"] if dry_run else \
+                ["--device", "cuda", "--dtype", "bf16", "--images", "1,16", "--runs", "3"]
+            steps.append(Step(f"aoti-{a}", "aoti", cmd, m("aoti", a), outputs=[what], env=dict(cache_env),
+                              needs=f"checkpoint-{a}"))
     if "tests" in parts:
         cmd = [py, "-m", "pytest", "-m", "not slow and not gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                "--junitxml", str(work / "junit-default.xml")]  # the gpu tests ran in tests-gpu
@@ -459,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--part", default="tests,kernels,e2e",
                     help="comma-separated: tests, kernels, e2e, quant (8-bit benches; a run of its own per --arch), "
                          "spec (speculative decoding: pass vs step, end to end), flow (JanusFlow-1.3B against the "
-                         "official loop; independent of --arch)")
+                         "official loop; independent of --arch), aoti (export-aoti packages run by the C++ "
+                         "fastjanus-run against the Python runtime)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds this pass may take in all; steps that would not fit are skipped and listed")
     ap.add_argument("--work", default=None, help="scratch folder for checkpoints and JUnit files "

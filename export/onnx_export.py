@@ -113,6 +113,15 @@ def model_summary(cfg) -> dict:
             "vq_image_size": cfg.vq.image_size, "generated_image_tokens": cfg.num_image_tokens}
 
 
+def preprocessing(proc) -> dict:
+    """The understanding image's preprocessing constants (a manifest entry: what a runner without Python redoes)."""
+    return {"image_size": proc.image_size, "min_size": proc.min_size, "rescale_factor": proc.rescale_factor,
+            "do_normalize": proc.do_normalize, "image_mean": list(proc.image_mean), "image_std": list(proc.image_std),
+            "background_color": list(proc.background_color),
+            "method": "RGB; the longer side resized to image_size (bicubic), pasted centred on a background_color "
+                      "square; x · rescale_factor, then (x − mean) / std; NCHW"}
+
+
 # ------------------------------------------------------------------------------------------ checks
 def parse_parts(parts) -> list[str]:
     """"vision,vq-decoder", a list, "llm" (the LLM graphs of image generation), or "all" (every part)."""
@@ -209,12 +218,7 @@ def export_onnx(model_dir, out, parts=None, dtype: str = "fp32", opset: int = DE
                   "config_sha256": config_digest(model_dir), "architecture": model_summary(cfg)},
         "dtype": {"fp32": "float32", "fp16": "float16"}[dtype], "opset": opset,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "preprocessing": {"image_size": proc.image_size, "min_size": proc.min_size,
-                          "rescale_factor": proc.rescale_factor, "do_normalize": proc.do_normalize,
-                          "image_mean": list(proc.image_mean), "image_std": list(proc.image_std),
-                          "background_color": list(proc.background_color),
-                          "method": "RGB; the longer side resized to image_size (bicubic), pasted centred on a "
-                                    "background_color square; x · rescale_factor, then (x − mean) / std; NCHW"},
+        "preprocessing": preprocessing(proc),
         "postprocessing": {"images": "uint8, NHWC: trunc(clamp((pixels + 1) / 2 · 255, 0, 255)) in fp32"},
         "parts": {},
     }

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import FastJanusError, InputError, cli_style, strip_ansi
+from .errors import FastJanusError, InputError, cli_style, path_of, strip_ansi
 
 MODEL_HELP = ("checkpoint folder in the official hub layout (config.json, weights, tokenizer files). Without it, "
               "a tiny RANDOM checkpoint is written once to the cache ($FASTJANUS_CACHE, else ~/.cache/fastjanus) "
@@ -530,6 +530,43 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def cmd_export_aoti(args) -> int:
+    from .export.aoti_export import MANIFEST, export_aoti
+    m = export_aoti(args.model, args.out, args.parts, args.device, args.dtype, args.max_images,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+    total = sum(e["bytes"] for e in m["parts"].values())
+    print(f"{len(m['parts'])} package(s), {total / 2 ** 20:.1f} MiB, {m['device']} {m['dtype']}, in "
+          f"{m['export_seconds']} s; run them with fastjanus-run (CMakeLists.txt)", file=sys.stderr)
+    print(Path(args.out) / MANIFEST)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    """The generation prompt's token ids (chat template applied), one prompt per line: the input of the C++
+    runner (`fastjanus-run generate --prompt-ids FILE`), which has no tokenizer."""
+    from .engine.pipeline import image_token_rows
+    path = _model_arg(args)
+    cfg, tk = _model_files(path)
+    if _is_flow(cfg):
+        raise InputError(f"{path_of('model', path)}: a JanusFlow checkpoint; the C++ runner covers Janus and "
+                         "Janus-Pro only")
+    rows = image_token_rows(tk, cfg, args.prompt, 1)  # each prompt checked against the context
+    lines = "".join(" ".join(map(str, r)) + "\n" for r in rows[0::2])
+    if args.out == "-":
+        sys.stdout.write(lines)
+        return 0
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"{path_of('out', out)}: is a folder; pass a file name for the token ids")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(lines)
+    except OSError as e:
+        raise InputError(f"{path_of('out', out)}: cannot write ({e.strerror or e})") from None
+    print(out)
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from .quant import check_scheme
     from .quantize import check_out_dir, check_source, quantize_checkpoint
@@ -712,6 +749,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --parts all: also int8 LLM graphs (ONNX Runtime's dynamic quantization), their size "
                         "and first-step logit error reported")
     x.set_defaults(fn=cmd_export_onnx)
+
+    a = sub.add_parser("export-aoti", help="AOTInductor packages for the C++ runner (no Python at run time)",
+                       formatter_class=_Help,
+                       description="Write vision_encoder.pt2 (pixel_values → image_embeds), vq_decoder.pt2 (codes → "
+                                   "uint8 images), generator.pt2 (prompt prefill, decode step and guided sampler over "
+                                   "caller-owned KV buffers) and manifest.json, for fastjanus-run and "
+                                   "libfastjanus_runtime (CMakeLists.txt). A package runs on the kind of machine it "
+                                   "was compiled on (CPU ISA or GPU), with the LibTorch of the same torch release.")
+    a.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (official hub layout)")
+    a.add_argument("--out", required=True, metavar="DIR", help="output folder, created when missing")
+    a.add_argument("--parts", default="vision,vq-decoder,generator", help="comma-separated subset")
+    a.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the packages run")
+    a.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations (default: fp32 on cpu, bf16 on cuda)")
+    a.add_argument("--max-images", type=int, default=16, help="most images per generate call")
+    a.set_defaults(fn=cmd_export_aoti)
+
+    t = sub.add_parser("tokenize", help="a prompt's token ids for fastjanus-run (the chat template applied)",
+                       formatter_class=_Help)
+    t.add_argument("--model", default=None, metavar="DIR",
+                   help="checkpoint folder (its tokenizer and config files; default: the tiny random model)")
+    t.add_argument("--prompt", required=True, action="append", help="repeat for several prompts (one line each)")
+    t.add_argument("--out", default="-", metavar="FILE", help="file to write, - for stdout")
+    t.set_defaults(fn=cmd_tokenize)
 
     b = sub.add_parser("bench", help="benchmark latency, throughput, memory and roofline against baselines",
                        formatter_class=_Help)

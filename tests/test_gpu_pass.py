@@ -119,6 +119,10 @@ def test_plans_stay_within_what_a_device_run_returns(tmp_path):
     steps = gp.plan_steps(tmp_path, tmp_path, "x", "t", ["flow"], ["janus-pro-7b"], dry_run=False)
     assert [s.name for s in steps] == ["checkpoint-janusflow-1.3b", "bench-flow-janusflow-1.3b"]
     assert "bench --arch janusflow-1.3b" in " ".join(steps[1].cmd) and steps[1].needs and gp.count_files(steps) == 3
+    # aoti: the checkpoint, then export + C++ build + fastjanus-run against the Python runtime, one JSON per arch
+    steps = gp.plan_steps(tmp_path, tmp_path, "x", "t", ["aoti"], ["janus-pro-1b"], dry_run=False)
+    assert [s.name for s in steps] == ["checkpoint-janus-pro-1b", "aoti-janus-pro-1b"] and gp.count_files(steps) == 3
+    assert "aoti_bench --arch janus-pro-1b" in " ".join(steps[1].cmd) and "--device cuda" in " ".join(steps[1].cmd)
 
 
 def test_refusals(tmp_path, capsys):

@@ -113,7 +113,9 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) 
 def rope_cos_sin(table: torch.Tensor, positions, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary positions of a `reference.rope_table` → cos, sin [B, 1, T, head_dim] in dtype. positions: an int T
     (0..T−1, B = 1: the prefill) or a [B, T] tensor (per-row positions: JanusFlow's blocks)."""
-    rows = table[:positions][None] if isinstance(positions, int) else table[positions]  # [B, T, 2, hd/2] fp32
+    # (a SymInt under torch.export: the AOTInductor packages' prompt length is dynamic)
+    whole = isinstance(positions, (int, torch.SymInt))
+    rows = table[:positions][None] if whole else table[positions]  # [B, T, 2, hd/2] fp32
     c, s = rows[..., 0, :], rows[..., 1, :]
     return torch.cat((c, c), -1).to(dtype)[:, None], torch.cat((s, s), -1).to(dtype)[:, None]
 

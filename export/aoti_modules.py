@@ -1,0 +1,129 @@
+"""What the AOTInductor packages compute (`aoti_export.py` exports these; `export/cpp/` runs them).
+
+The generator is two programs over caller-owned buffers (the C++ runtime allocates them once per request):
+
+    prefill  input_ids [R, T] int64 (right-padded rows), lengths [R] int32, k_cache, v_cache [L, R, Hkv, S, hd],
+             codes [N, n] int64, cfg_weight [1] fp32, temperature [1] fp32, seed [1] int64, step [1] int64
+             → next_embeds [R, D]
+    step     inputs_embeds [R, D], k_cache, v_cache, lengths, codes, cfg_weight, temperature, seed, step
+             → next_embeds [R, D]
+
+R = 2N rows, interleaved (even: conditional, odd: unconditional), as the Python pipeline batches them. The prefill
+fills cache slots 0..T−1 (row r holds lengths[r] tokens), computes the first guided logits from each row's last
+real token and samples code 0. A step embeds nothing itself: it runs the decoder on the previous code's embedding
+(`inputs_embeds`, the last call's output), appends K/V at slot lengths[r], advances lengths, samples code `step`
+and returns that code's embedding for the next call. Every call writes codes[:, step] and advances step, on the
+device: the C++ loop is prefill + (n − 1) steps with no host read until the codes are copied out.
+
+These are the Python runtime's own methods with the torch backend (`LlamaModel.prefill`, `LlamaModel.decode`,
+`GenHead`, `JanusModel.embed_image_codes`), so the arithmetic is the pipeline's. Only the sampler differs: it
+must be reproducible from the C++ side with no torch.Generator state, so its noise is a counter-based hash of
+(seed, step, image, code) (`counter_uniform`) turned into Gumbel noise; greedy (temperature 0) is the argmax of
+the guided logits, exactly as `engine.sampling.sample`.
+
+The step needs only tensors the prefill also uses (the prefill ends by embedding code 0 with the code table), so
+the step package is written without weights and the runtime hands it the prefill's: one copy of the LLM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.sampling import cfg_mix
+from ..models.llama import KVCache
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, a: int) -> torch.Tensor:
+    """(x · a) mod 2³² for int64 x in [0, 2³²) and a constant a < 2³², without int64 overflow (overflow is
+    undefined behaviour in the C++ inductor writes): split a into 16-bit halves, every product stays < 2⁴⁹."""
+    lo, hi = a & 0xFFFF, a >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift / multiply, the 'lowbias32' constants): a bijection of [0, 2³²) whose
+    output bits each depend on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: torch.Tensor, step: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Uniform (0, 1) fp32 noise [rows, cols] that depends only on (seed, step, row, col): seed, step [1] int64
+    (seed ≥ 0). 24 random bits per value, centred in their cell, so 0 and 1 never occur."""
+    dev = seed.device
+    s = _mix32(_mix32((seed >> 32) & _M32) ^ (seed & _M32))  # [1]
+    s = _mix32((s + (step & _M32)) & _M32)  # [1]
+    r = _mix32((s + torch.arange(rows, device=dev, dtype=torch.int64)) & _M32)  # [rows]
+    h = _mix32((r[:, None] + torch.arange(cols, device=dev, dtype=torch.int64)[None]) & _M32)  # [rows, cols]
+    h = _mix32(h ^ 0x9E3779B9)  # a second round: neighbouring (row, col) keys share no low-bit structure
+    return ((h >> 8).float() + 0.5) * 2.0 ** -24  # [rows, cols]
+
+
+def guided_sample(logits: torch.Tensor, cfg_weight: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                  step: torch.Tensor) -> torch.Tensor:
+    """logits [2N, K] (interleaved cond/uncond) → codes [N] int64. Guidance u + w·(c − u) in fp32 (cfg_mix);
+    temperature 0: argmax; otherwise Gumbel-max, argmax(mixed / T − log(−log U)), which draws from
+    softmax(mixed / T). Both branches are computed: a graph has no data-dependent control flow."""
+    mixed = cfg_mix(logits, cfg_weight)  # [N, K] fp32
+    N, K = mixed.shape
+    gumbel = -torch.log(-torch.log(counter_uniform(seed, step, N, K)))  # [N, K]
+    drawn = (mixed / temperature.clamp_min(1e-6) + gumbel).argmax(-1)
+    return torch.where(temperature > 0, drawn, mixed.argmax(-1))  # [N]
+
+
+def _record(codes: torch.Tensor, step: torch.Tensor, tok: torch.Tensor) -> None:
+    """codes[:, step] = tok and step += 1, on the device."""
+    codes.scatter_(1, step.expand(codes.shape[0], 1), tok[:, None])
+    step.add_(1)
+
+
+class GenPrefill(nn.Module):
+    """The prompt prefill and code 0 (module docstring). `model` is a fused JanusModel."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, lengths, k_cache, v_cache, codes, cfg_weight, temperature, seed, step):
+        m = self.model
+        cache = KVCache.from_buffers(k_cache, v_cache, lengths)
+        h = m.llm.prefill(m.embed_text(input_ids), cache, lengths)  # [R, T, D]; lengths stay (copied onto itself)
+        rows = torch.arange(h.shape[0], device=h.device)
+        last = h[rows, lengths.long() - 1]  # [R, D]: each row's last real token
+        tok = guided_sample(m.gen_head(last), cfg_weight, temperature, seed, step)  # [N]
+        _record(codes, step, tok)
+        return m.embed_image_codes(tok.repeat_interleave(2))  # [R, D]: the next step's input, per row
+
+
+class GenStep(nn.Module):
+    """One decode step and its code (module docstring); the runner's decode with the torch backend."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, k_cache, v_cache, lengths, codes, cfg_weight, temperature, seed, step):
+        m = self.model
+        cache = KVCache.from_buffers(k_cache, v_cache, lengths)
+        h = m.llm.decode(inputs_embeds.clone(), cache, "torch")  # [R, D]; advances lengths
+        tok = guided_sample(m.gen_head(h), cfg_weight, temperature, seed, step)  # [N]
+        _record(codes, step, tok)
+        return m.embed_image_codes(tok.repeat_interleave(2))  # [R, D]
+
+
+class VQImages(nn.Module):
+    """codes int64 [N, g·g] → uint8 images [N, S, S, 3]: the ONNX export's VQDecoder (the torch backend's lookup
+    and decode_image_tokens' conversion), images only."""
+
+    def __init__(self, vq: nn.Module):
+        super().__init__()
+        from .onnx_export import VQDecoder
+        self.dec = VQDecoder(vq)
+
+    def forward(self, codes):
+        return self.dec(codes)[1]
