@@ -88,6 +88,8 @@ def time_cpp(exe: Path, pkg: Path, ids: Path, n: int, runs: int, out: Path) -> d
     if r.returncode != 0:
         return {"error": r.stderr.strip()}
     m = _LINE.search(r.stdout)
+    if m is None:
+        return {"error": f"unexpected output of fastjanus-run: {r.stdout.strip()[-500:]}"}
     total, prefill, decode, step, vq = (float(x) for x in m.groups())
     return {"total_ms": total, "prefill_ms": prefill, "decode_ms": decode, "per_step_ms": step, "vq_ms": vq,
             "first_run": r.stdout.splitlines()[0]}

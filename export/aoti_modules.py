@@ -52,16 +52,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes → uniform (0, 1) fp32 from their top 23 bits, centred in their cells: (k + 0.5)·2⁻²³ is exact
+    in fp32 for every k < 2²³, so neither 0 nor 1 can occur (with 24 bits, k = 2²⁴ − 1 would round up to 1.0 and
+    its Gumbel noise to +inf)."""
+    return ((h >> 9).float() + 0.5) * 2.0 ** -23
+
+
 def counter_uniform(seed: torch.Tensor, step: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Uniform (0, 1) fp32 noise [rows, cols] that depends only on (seed, step, row, col): seed, step [1] int64
-    (seed ≥ 0). 24 random bits per value, centred in their cell, so 0 and 1 never occur."""
+    (seed ≥ 0). The column is hashed before it meets the row's key, so no two (step, row) keys give shifted
+    copies of one noise vector (a key + col combination would)."""
     dev = seed.device
     s = _mix32(_mix32((seed >> 32) & _M32) ^ (seed & _M32))  # [1]
     s = _mix32((s + (step & _M32)) & _M32)  # [1]
     r = _mix32((s + torch.arange(rows, device=dev, dtype=torch.int64)) & _M32)  # [rows]
-    h = _mix32((r[:, None] + torch.arange(cols, device=dev, dtype=torch.int64)[None]) & _M32)  # [rows, cols]
-    h = _mix32(h ^ 0x9E3779B9)  # a second round: neighbouring (row, col) keys share no low-bit structure
-    return ((h >> 8).float() + 0.5) * 2.0 ** -24  # [rows, cols]
+    c = _mix32(torch.arange(cols, device=dev, dtype=torch.int64) ^ 0x9E3779B9)  # [cols]
+    return _unit(_mix32(r[:, None] ^ c[None]))  # [rows, cols]
 
 
 def guided_sample(logits: torch.Tensor, cfg_weight: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,

@@ -10,7 +10,7 @@ from fastjanus.cli import main as cli_main
 from fastjanus.engine.sampling import cfg_mix
 from fastjanus.errors import InputError
 from fastjanus.export.aoti_export import check_max_images, export_aoti, parse_parts, resolve_device_dtype
-from fastjanus.export.aoti_modules import GenPrefill, GenStep, counter_uniform, guided_sample
+from fastjanus.export.aoti_modules import GenPrefill, GenStep, _unit, counter_uniform, guided_sample
 from fastjanus.quant import QuantConfig
 from fastjanus.random_init import init_random
 
@@ -42,6 +42,22 @@ def test_counter_uniform_is_a_function_of_its_counters():
     assert (a[0] != a[1]).float().mean() > 0.99
     # the first rows of a larger request are the same noise (the row index is the counter, not the shape)
     assert torch.equal(counter_uniform(_t(7, torch.int64), _t(3, torch.int64), 2, 1000), a[:2])
+
+
+def test_unit_never_gives_0_or_1():
+    """The extreme hashes map strictly inside (0, 1) in fp32, so the Gumbel noise is always finite."""
+    u = _unit(torch.tensor([0, 1, 2 ** 9 - 1, 2 ** 31, 2 ** 32 - 2 ** 9, 2 ** 32 - 1], dtype=torch.int64))
+    assert 0 < u.min() and u.max() < 1 and torch.isfinite(-torch.log(-torch.log(u))).all()
+    assert u[-1] == 1 - 2.0 ** -24 and u[0] == 2.0 ** -24
+
+
+def test_noise_vectors_of_different_keys_share_no_structure():
+    """Two (step, row) keys never give shifted copies of one noise vector: for 64 rows × 3 steps, no pair of
+    vectors shares more values than chance allows (with 2^23 levels, a few coincidences among 4096 values)."""
+    u = torch.cat([counter_uniform(_t(5, torch.int64), _t(s, torch.int64), 64, 4096) for s in range(3)])
+    for i in range(0, u.shape[0], 7):
+        for j in range(i + 1, u.shape[0], 11):
+            assert len(set(u[i].tolist()) & set(u[j].tolist())) < 20
 
 
 def test_counter_uniform_is_uniform():

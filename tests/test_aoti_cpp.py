@@ -189,11 +189,16 @@ def test_errors_are_one_line_and_exit_2(runner, gen_pkg, vision_pkg, tiny_pipe, 
     assert "--num-images" in _error(run(runner, *gen, "--num-images", 0, ok=False))
     assert "--cfg" in _error(run(runner, *gen, "--cfg", -1, ok=False))
     assert "--temperature" in _error(run(runner, *gen, "--temperature", "nan", ok=False))
+    assert "--cfg" in _error(run(runner, *gen, "--cfg", "1e39", ok=False))  # finite in C++, inf as the fp32 input
     assert "--seed" in _error(run(runner, *gen, "--seed", -3, ok=False))
     big = _ids_file(tmp_path / "big.txt", tiny_pipe, ["x"])
     big.write_text(big.read_text().strip() + " 99999\n")
     assert "99999" in _error(run(runner, "generate", "--packages", gen_pkg, "--prompt-ids", big, "--out",
                                  tmp_path / "x", ok=False))
+    plain = tmp_path / "plain.txt"  # tokenised text without the generation template: no BOS, no <begin_of_image>
+    plain.write_text(" ".join(map(str, tiny_pipe.tokenizer.encode("a red fox"))) + "\n")
+    assert "fastjanus tokenize" in _error(run(runner, "generate", "--packages", gen_pkg, "--prompt-ids", plain,
+                                              "--out", tmp_path / "x", ok=False))
     # a part that was not exported, and packages of another model
     assert "--parts" in _error(run(runner, "generate", "--packages", vision_pkg, "--prompt-ids", ids, "--out",
                                    tmp_path / "x", ok=False))

@@ -193,10 +193,10 @@ int cmd_generate(int argc, char** argv) {
   const double cfg_arg = has_cfg ? parse_number("--cfg", f.get("--cfg")) : 0.0;
   const double temp_arg = has_temp ? parse_number("--temperature", f.get("--temperature")) : 0.0;
   // checked here too (the runtime checks again) so that the message names the flag
-  if (has_cfg && !(std::isfinite(cfg_arg) && cfg_arg >= 0)) {
+  if (has_cfg && !(std::isfinite(static_cast<float>(cfg_arg)) && cfg_arg >= 0)) {
     throw Error("--cfg must be a finite number >= 0, got " + f.get("--cfg"));
   }
-  if (has_temp && !(std::isfinite(temp_arg) && temp_arg >= 0)) {
+  if (has_temp && !(std::isfinite(static_cast<float>(temp_arg)) && temp_arg >= 0)) {
     throw Error("--temperature must be a finite number >= 0 (0 = greedy), got " + f.get("--temperature"));
   }
   uint64_t seed = 0;
@@ -233,6 +233,11 @@ int cmd_generate(int argc, char** argv) {
   prepare_prefix("--out", prefix);
 
   fastjanus::Timings t;
+  // both packages loaded (and their fingerprints checked) before any work: a bad VQ decoder is found now, not
+  // after the generation loop
+  g_stage = "loading the packages";
+  rt.load(fastjanus::kGeneratorPart, &t);
+  rt.load(fastjanus::kVQDecoderPart, &t);
   g_stage = "generating image tokens";
   at::Tensor codes = rt.generate(prompts, num_images, cfg, temperature, seed, &t);
 

@@ -347,6 +347,16 @@ struct Runtime::Impl {
       throw Error("giving the step model the prefill's weights failed: " + first_line(e.what_without_backtrace()) +
                   "; re-export with " + export_hint(m.dir, kGeneratorPart));
     }
+    // user_managed means "use these tensors": check that the step now reads the prefill's memory, so the claim
+    // "one copy of the LLM" holds whatever the torch release does
+    for (const auto& kv : stp->get_runner()->extract_constants_map(/*use_inactive=*/false)) {
+      auto it = shared.find(kv.first);
+      if (it != shared.end() && kv.second.data_ptr() != it->second.data_ptr()) {
+        throw Error("the step model copied weight " + kv.first + " instead of sharing the prefill's (this LibTorch "
+                    "does not honour user-managed constants); use the LibTorch of the torch that exported the "
+                    "packages");
+      }
+    }
     prefill = std::move(pre);
     step_constants = std::move(shared);
     step = std::move(stp);
@@ -402,6 +412,21 @@ const Manifest& Runtime::manifest() const { return impl_->m; }
 
 void Runtime::require_part(const std::string& part) const { impl_->require_part(part); }
 
+void Runtime::load(const std::string& part, Timings* timings) {
+  Impl& I = *impl_;
+  I.require_part(part);
+  at::NoGradGuard no_grad;
+  if (part == kGeneratorPart) {
+    I.load_generator(timings);
+  } else if (part == kVQDecoderPart) {
+    I.single(I.vq, part, timings);
+  } else if (part == kVisionPart) {
+    I.single(I.vision, part, timings);
+  } else {
+    throw Error("unknown part " + part + "; the parts are generator, vq-decoder and vision");
+  }
+}
+
 std::string Runtime::prompt_problem(const std::vector<int64_t>& ids) const {
   const auto& g = impl_->m.generator;
   if (ids.size() < 2) {
@@ -420,6 +445,18 @@ std::string Runtime::prompt_problem(const std::vector<int64_t>& ids) const {
       return "token id " + std::to_string(ids[i]) + " (position " + std::to_string(i + 1) +
              ") is outside the vocabulary [0, " + std::to_string(g.vocab_size) + "): ids from another model?";
     }
+  }
+  // The unconditional row keeps the first and last ids and pads the rest: they must be BOS and
+  // <begin_of_image>, as the generation template makes them (plain tokenised text would give wrong images).
+  const auto& sp = impl_->m.special_tokens;
+  auto bos = sp.find("bos"), boi = sp.find("begin_of_image");
+  if (bos != sp.end() && ids.front() != bos->second) {
+    return "starts with id " + std::to_string(ids.front()) + ", not BOS (" + std::to_string(bos->second) +
+           "): not a generation prompt; make the ids with `fastjanus tokenize`";
+  }
+  if (boi != sp.end() && ids.back() != boi->second) {
+    return "ends with id " + std::to_string(ids.back()) + ", not <begin_of_image> (" + std::to_string(boi->second) +
+           "): not a generation prompt; make the ids with `fastjanus tokenize`";
   }
   return "";
 }
@@ -444,10 +481,11 @@ at::Tensor Runtime::generate(const std::vector<std::vector<int64_t>>& prompt_ids
                 std::to_string(num_images) + ") exceed this export's max_images " + std::to_string(m.max_images) +
                 "; generate fewer per call or re-export with --max-images");
   }
-  if (!std::isfinite(cfg_weight) || cfg_weight < 0) {
+  // (finite as fp32 too: the package reads them as fp32, where 1e39 is inf and the guided logits NaN)
+  if (!std::isfinite(static_cast<float>(cfg_weight)) || cfg_weight < 0) {
     throw Error("cfg_weight must be a finite number >= 0, got " + fmt_double(cfg_weight));
   }
-  if (!std::isfinite(temperature) || temperature < 0) {
+  if (!std::isfinite(static_cast<float>(temperature)) || temperature < 0) {
     throw Error("temperature must be a finite number >= 0 (0 = greedy), got " + fmt_double(temperature));
   }
   if (seed > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {

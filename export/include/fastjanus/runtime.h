@@ -97,6 +97,10 @@ class Runtime {
   // vocabulary. generate() checks every prompt with it; callers use it to name their own source line.
   std::string prompt_problem(const std::vector<int64_t>& ids) const;
 
+  // Loads a part's package(s) now instead of on first use, with every check (fingerprint, part, device): a
+  // caller that needs several parts finds a bad one before any work. Throws Error.
+  void load(const std::string& part, Timings* timings = nullptr);
+
   // Throws Error unless the part ("generator", "vq-decoder", "vision") was exported and its file is present.
   // Cheap (loads nothing): lets a caller fail before reading its own inputs.
   void require_part(const std::string& part) const;
