@@ -95,45 +95,26 @@ def time_cpp(exe: Path, pkg: Path, ids: Path, n: int, runs: int, out: Path) -> d
             "first_run": r.stdout.splitlines()[0]}
 
 
-def time_packages_python(pkg: Path, model, prompt_ids: list[int], pad: int, n: int, runs: int, device) -> dict:
+def time_packages_python(pkg: Path, model, rows: list[list[int]], pad: int, runs: int, device) -> dict:
     """Without a C++ build: the same packages chained from Python (torch's AOTI loader) as fastjanus-run chains
     them, the step given the loaded model's tensors as its constants. Median of `runs` after a warm-up; codes only
     (the VQ decoder package is not timed here)."""
-    from torch._inductor.package import load_package
-    pre = load_package(str(pkg / "generator.pt2"), "prefill")
-    step = load_package(str(pkg / "generator.pt2"), "step")
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    step.load_constants({k: tensors[k.removeprefix("model.")] for k in step.get_constant_fqns()},
-                        check_full_update=True, user_managed=True)
-    lm, n_tok, T = model.cfg.language, model.cfg.num_image_tokens, len(prompt_ids)
-    R = 2 * n
-    first = lambda out: out[0] if isinstance(out, (list, tuple)) else out  # noqa: E731
+    from fastjanus.export.aoti_export import load_generator_package
+    from fastjanus.export.aoti_modules import request_buffers, run_generator
+    prefill, step = load_generator_package(pkg / "generator.pt2", model)
+    n_tok = model.cfg.num_image_tokens
 
     def once():
-        ids = torch.full((R, T), pad, dtype=torch.int64)
-        ids[0::2] = torch.tensor(prompt_ids)
-        ids[1::2, 0], ids[1::2, T - 1] = prompt_ids[0], prompt_ids[-1]
-        ids = ids.to(device)
-        lengths = torch.full((R,), T, dtype=torch.int32, device=device)
-        k = torch.zeros(lm.num_hidden_layers, R, lm.num_key_value_heads, T + n_tok, lm.head_dim, dtype=model.dtype,
-                        device=device)
-        v = torch.zeros_like(k)
-        codes = torch.zeros(n, n_tok, dtype=torch.int64, device=device)
-        scal = (torch.tensor([5.0], device=device), torch.tensor([1.0], device=device),
-                torch.tensor([0], device=device), torch.zeros(1, dtype=torch.int64, device=device))
-        _sync(device)
-        t0 = time.perf_counter()
-        x = first(pre(ids, lengths, k, v, codes, *scal))
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(n_tok - 1):
-            x = first(step(x, k, v, lengths, codes, *scal))
-        codes.cpu()
-        t2 = time.perf_counter()
-        return {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3}
+        buf = request_buffers(model.cfg, rows, pad, 5.0, 1.0, 0, model.dtype, device)
+        marks = []
+        mark = lambda: (_sync(device), marks.append(time.perf_counter()))  # noqa: E731
+        mark()
+        run_generator(prefill, step, buf, after_prefill=mark).cpu()
+        mark()
+        return {"prefill_ms": (marks[1] - marks[0]) * 1e3, "decode_ms": (marks[2] - marks[1]) * 1e3}
     once()
-    rows = [once() for _ in range(runs)]
-    med = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
+    timed = [once() for _ in range(runs)]
+    med = {k: round(statistics.median(t[k] for t in timed), 2) for k in timed[0]}
     med["per_step_ms"] = round(med["decode_ms"] / (n_tok - 1), 3)
     return med
 
@@ -151,6 +132,7 @@ def greedy_cpp(exe: Path, pkg: Path, ids: Path, n: int, out: Path) -> torch.Tens
 def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     import fastjanus
     from fastjanus.config import JanusConfig
+    from fastjanus.engine.pipeline import image_token_rows
     from fastjanus.export.aoti_export import DTYPES, export_aoti
     from fastjanus.random_init import cached_random_model
     from fastjanus.tokenizer import JanusTokenizer
@@ -205,8 +187,8 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
         row["python"] = time_python(pipe, n, args.runs, device)
         log(f"{n} image(s), Python runtime: {row['python']}")
         if exe is None:  # no C++ runner: the packages from Python, so the export is still measured
-            row["packages_from_python"] = time_packages_python(pkg, pipe.model, prompt_ids, tok.pad_id, n, args.runs,
-                                                               device)
+            rows = image_token_rows(tok, cfg, PROMPT, n)
+            row["packages_from_python"] = time_packages_python(pkg, pipe.model, rows, tok.pad_id, args.runs, device)
             log(f"{n} image(s), packages from Python: {row['packages_from_python']}")
         want = pipe.generate_image_tokens(PROMPT, n, cfg_weight=5.0, temperature=0)
         got = cpp_greedy.get(n)

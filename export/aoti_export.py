@@ -162,6 +162,18 @@ def export_generator(model, cfg, out: Path, max_images: int, meta: dict, progres
                        "noise of (seed, step, image, code) (aoti_modules.counter_uniform)"}
 
 
+def load_generator_package(path, model):
+    """generator.pt2 from Python (torch's AOTI loader): (prefill, step), the step given `model`'s tensors as its
+    constants by name (the C++ runtime gives it the prefill's). model: the fused JanusModel it was exported from."""
+    from torch._inductor.package import load_package
+    prefill = load_package(str(path), "prefill")
+    step = load_package(str(path), "step")
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    step.load_constants({k: tensors[k.removeprefix("model.")] for k in step.get_constant_fqns()},
+                        check_full_update=True, user_managed=True)
+    return prefill, step
+
+
 def _export_single(module, example, dyn, path: Path, meta: dict, inputs: list, outputs: list) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():

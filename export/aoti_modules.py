@@ -83,10 +83,48 @@ def guided_sample(logits: torch.Tensor, cfg_weight: torch.Tensor, temperature: t
     return torch.where(temperature > 0, drawn, mixed.argmax(-1))  # [N]
 
 
-def _record(codes: torch.Tensor, step: torch.Tensor, tok: torch.Tensor) -> None:
-    """codes[:, step] = tok and step += 1, on the device."""
+def _next_code(m, h, codes, cfg_weight, temperature, seed, step) -> torch.Tensor:
+    """The end of both programs: gen_head on each row's hidden state h [R, D], code `step` drawn from the guided
+    logits and written to codes[:, step], step += 1 (on the device), and the code's embedding per row [R, D]
+    (the next step's input)."""
+    tok = guided_sample(m.gen_head(h), cfg_weight, temperature, seed, step)  # [N]
     codes.scatter_(1, step.expand(codes.shape[0], 1), tok[:, None])
     step.add_(1)
+    return m.embed_image_codes(tok.repeat_interleave(2))  # [R, D]
+
+
+def request_buffers(cfg, rows: list[list[int]], pad: int, cfg_weight: float, temperature: float, seed: int,
+                    dtype=torch.float32, device="cpu") -> dict:
+    """The caller-owned inputs of one generator request, as fastjanus-run allocates them (rows: the interleaved
+    cond/uncond token rows; the cache holds T + n slots). codes start at −1, so a column no call wrote shows."""
+    lm, n = cfg.language, cfg.num_image_tokens
+    R, T = len(rows), max(map(len, rows))
+    ids = torch.full((R, T), pad, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    k = torch.zeros(lm.num_hidden_layers, R, lm.num_key_value_heads, T + n, lm.head_dim, dtype=dtype, device=device)
+    return {"input_ids": ids.to(device), "lengths": torch.tensor([len(r) for r in rows], dtype=torch.int32,
+                                                                 device=device),
+            "k_cache": k, "v_cache": torch.zeros_like(k),
+            "codes": torch.full((R // 2, n), -1, dtype=torch.int64, device=device),
+            "sampler": (torch.tensor([float(cfg_weight)], device=device),
+                        torch.tensor([float(temperature)], device=device),
+                        torch.tensor([int(seed)], dtype=torch.int64, device=device),
+                        torch.zeros(1, dtype=torch.int64, device=device))}
+
+
+def run_generator(prefill, step, buf: dict, after_prefill=None) -> torch.Tensor:
+    """The generator's loop as fastjanus-run runs it: prefill, then n − 1 steps each fed the last output, over
+    `buf` (request_buffers), which the calls update. prefill/step: the eager modules or the loaded packages (a
+    package with one output returns it bare). after_prefill(): called between the two (timing). Returns codes."""
+    first = lambda out: out[0] if isinstance(out, (list, tuple)) else out  # noqa: E731
+    b = buf
+    x = first(prefill(b["input_ids"], b["lengths"], b["k_cache"], b["v_cache"], b["codes"], *b["sampler"]))
+    if after_prefill is not None:
+        after_prefill()
+    for _ in range(b["codes"].shape[1] - 1):
+        x = first(step(x, b["k_cache"], b["v_cache"], b["lengths"], b["codes"], *b["sampler"]))
+    return b["codes"]
 
 
 class GenPrefill(nn.Module):
@@ -102,9 +140,7 @@ class GenPrefill(nn.Module):
         h = m.llm.prefill(m.embed_text(input_ids), cache, lengths)  # [R, T, D]; lengths stay (copied onto itself)
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, lengths.long() - 1]  # [R, D]: each row's last real token
-        tok = guided_sample(m.gen_head(last), cfg_weight, temperature, seed, step)  # [N]
-        _record(codes, step, tok)
-        return m.embed_image_codes(tok.repeat_interleave(2))  # [R, D]: the next step's input, per row
+        return _next_code(m, last, codes, cfg_weight, temperature, seed, step)
 
 
 class GenStep(nn.Module):
@@ -118,9 +154,7 @@ class GenStep(nn.Module):
         m = self.model
         cache = KVCache.from_buffers(k_cache, v_cache, lengths)
         h = m.llm.decode(inputs_embeds.clone(), cache, "torch")  # [R, D]; advances lengths
-        tok = guided_sample(m.gen_head(h), cfg_weight, temperature, seed, step)  # [N]
-        _record(codes, step, tok)
-        return m.embed_image_codes(tok.repeat_interleave(2))  # [R, D]
+        return _next_code(m, h, codes, cfg_weight, temperature, seed, step)
 
 
 class VQImages(nn.Module):

@@ -10,7 +10,8 @@ from fastjanus.cli import main as cli_main
 from fastjanus.engine.sampling import cfg_mix
 from fastjanus.errors import InputError
 from fastjanus.export.aoti_export import check_max_images, export_aoti, parse_parts, resolve_device_dtype
-from fastjanus.export.aoti_modules import GenPrefill, GenStep, _unit, counter_uniform, guided_sample
+from fastjanus.export.aoti_modules import (GenPrefill, GenStep, _unit, counter_uniform, guided_sample,
+                                           request_buffers, run_generator)
 from fastjanus.quant import QuantConfig
 from fastjanus.random_init import init_random
 
@@ -110,23 +111,12 @@ def test_guided_sample_draws_from_the_guided_softmax(temperature):
 # ------------------------------------------------------------------------------------ the generator modules
 def _run_modules(model, rows, pad, cfg_weight, temperature, seed):
     """The generator's prefill + steps, eagerly, as the C++ runner chains them."""
-    cfg, lm = model.cfg, model.cfg.language
-    R, T, n = len(rows), max(map(len, rows)), model.cfg.num_image_tokens
-    ids = torch.full((R, T), pad, **I64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
-    k = torch.zeros(lm.num_hidden_layers, R, lm.num_key_value_heads, T + n, lm.head_dim)
-    v = torch.zeros_like(k)
-    codes = torch.full((R // 2, n), -1, **I64)
-    scal = (_t(cfg_weight), _t(temperature), _t(seed, torch.int64), torch.zeros(1, **I64))
+    buf = request_buffers(model.cfg, rows, pad, cfg_weight, temperature, seed)
     with torch.no_grad():
-        x = GenPrefill(model)(ids, lengths, k, v, codes, *scal)
-        for _ in range(n - 1):
-            x = GenStep(model)(x, k, v, lengths, codes, *scal)
-    assert scal[3].item() == n and torch.equal(lengths, torch.tensor([len(r) + n - 1 for r in rows],
-                                                                       dtype=torch.int32))
-    del cfg
+        codes = run_generator(GenPrefill(model), GenStep(model), buf)
+    n = model.cfg.num_image_tokens
+    assert buf["sampler"][3].item() == n and torch.equal(buf["lengths"], torch.tensor([len(r) + n - 1 for r in rows],
+                                                                                     dtype=torch.int32))
     return codes
 
 

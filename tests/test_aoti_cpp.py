@@ -108,28 +108,10 @@ def test_generate_greedy_equals_the_python_pipeline(runner, gen_pkg, tiny_pipe, 
 
 def _python_package_codes(pkg: Path, model, rows, pad, cfg_weight, temperature, seed) -> torch.Tensor:
     """The generator package run from Python (torch._inductor's loader), chained as the C++ runner does."""
-    from torch._inductor.package import load_package
-    pre = load_package(str(pkg / "generator.pt2"), "prefill")
-    step = load_package(str(pkg / "generator.pt2"), "step")
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    step.load_constants({k: tensors[k.removeprefix("model.")] for k in step.get_constant_fqns()},
-                        check_full_update=True, user_managed=True)
-    lm, n = model.cfg.language, model.cfg.num_image_tokens
-    R, T = len(rows), max(map(len, rows))
-    ids = torch.full((R, T), pad, dtype=torch.int64)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-    lengths = torch.tensor([len(row) for row in rows], dtype=torch.int32)
-    k = torch.zeros(lm.num_hidden_layers, R, lm.num_key_value_heads, T + n, lm.head_dim)
-    v = torch.zeros_like(k)
-    codes = torch.zeros(R // 2, n, dtype=torch.int64)
-    scal = (torch.tensor([float(cfg_weight)]), torch.tensor([float(temperature)]), torch.tensor([seed]),
-            torch.zeros(1, dtype=torch.int64))
-    first = lambda out: out[0] if isinstance(out, (list, tuple)) else out  # noqa: E731 (one output: a bare tensor)
-    x = first(pre(ids, lengths, k, v, codes, *scal))
-    for _ in range(n - 1):
-        x = first(step(x, k, v, lengths, codes, *scal))
-    return codes
+    from fastjanus.export.aoti_export import load_generator_package
+    from fastjanus.export.aoti_modules import request_buffers, run_generator
+    prefill, step = load_generator_package(pkg / "generator.pt2", model)
+    return run_generator(prefill, step, request_buffers(model.cfg, rows, pad, cfg_weight, temperature, seed))
 
 
 def test_generate_sampled_equals_the_packages_run_from_python(runner, gen_pkg, tiny_pipe, tmp_path):

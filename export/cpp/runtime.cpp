@@ -391,6 +391,36 @@ struct Runtime::Impl {
                 ", expected " + want + ": the package does not match manifest.json; re-export with " +
                 export_hint(m.dir));
   }
+
+  // A single-model part over `in` in chunks of the manifest's max_batch rows: each chunk moved to the device
+  // (as `in_dtype`), run, its output checked to be [rows, tail...] (and `out_dtype` unless Undefined), brought
+  // back to the CPU as `cpu_dtype`; the chunks concatenated. Adds the time to timings->vq_ms.
+  at::Tensor chunked(Loader& l, const std::string& part, const at::Tensor& in, at::ScalarType in_dtype,
+                     const std::vector<int64_t>& tail, at::ScalarType out_dtype, at::ScalarType cpu_dtype,
+                     const char* what, Timings* timings) const {
+    const int64_t N = in.size(0), chunk = m.parts.at(part).max_batch;
+    std::vector<at::Tensor> outs;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < N; i += chunk) {
+      const int64_t b = std::min(chunk, N - i);
+      auto out = run(l, {in.slice(0, i, i + b).to(device, in_dtype).contiguous()}, what);
+      const at::Tensor y = out.empty() ? at::Tensor() : out[0];
+      std::vector<int64_t> want{b};
+      want.insert(want.end(), tail.begin(), tail.end());
+      const bool dtype_ok = out_dtype == at::ScalarType::Undefined || (y.defined() && y.scalar_type() == out_dtype);
+      if (!y.defined() || !dtype_ok || y.sizes() != at::IntArrayRef(want)) {
+        std::string shape = "[";
+        for (size_t k = 0; k < want.size(); ++k) shape += (k ? ", " : "") + std::to_string(want[k]);
+        shape += "]";
+        bad_output((std::string("the ") + what).c_str(), y,
+                   (out_dtype == at::ScalarType::Undefined ? "" : std::string(c10::toString(out_dtype)) + " ") +
+                       shape);
+      }
+      outs.push_back(y.to(at::kCPU, cpu_dtype));  // waits for the device
+    }
+    if (timings) timings->vq_ms += ms_since(t0);
+    return outs.size() == 1 ? outs[0].contiguous() : at::cat(outs, 0);
+  }
 };
 
 Runtime::Runtime(const std::string& packages_dir) : impl_(std::make_unique<Impl>()) {
@@ -583,21 +613,7 @@ at::Tensor Runtime::decode(const at::Tensor& codes, Timings* timings) {
     }
   }
   Loader& l = I.single(I.vq, kVQDecoderPart, timings);
-  const int64_t N = c.size(0), chunk = m.parts.at(kVQDecoderPart).max_batch;
-  std::vector<at::Tensor> images;
-  auto t0 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < N; i += chunk) {
-    const int64_t b = std::min(chunk, N - i);
-    auto out = Impl::run(l, {c.slice(0, i, i + b).to(I.device)}, "VQ decoder");
-    const at::Tensor y = out.empty() ? at::Tensor() : out[0];
-    if (!y.defined() || y.scalar_type() != at::kByte || y.sizes() != at::IntArrayRef({b, S, S, 3})) {
-      I.bad_output("the VQ decoder", y, "uint8 [" + std::to_string(b) + ", " + std::to_string(S) + ", " +
-                                            std::to_string(S) + ", 3]");
-    }
-    images.push_back(y.to(at::kCPU));  // waits for the device
-  }
-  if (timings) timings->vq_ms += ms_since(t0);
-  return images.size() == 1 ? images[0].contiguous() : at::cat(images, 0);
+  return I.chunked(l, kVQDecoderPart, c, at::kLong, {S, S, 3}, at::kByte, at::kByte, "VQ decoder", timings);
 }
 
 at::Tensor Runtime::encode_image(const at::Tensor& pixels, Timings* timings) {
@@ -616,22 +632,8 @@ at::Tensor Runtime::encode_image(const at::Tensor& pixels, Timings* timings) {
   }
   at::NoGradGuard no_grad;
   Loader& l = I.single(I.vision, kVisionPart, timings);
-  const int64_t N = pixels.size(0), chunk = m.parts.at(kVisionPart).max_batch;
-  std::vector<at::Tensor> embeds;
-  auto t0 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < N; i += chunk) {
-    const int64_t b = std::min(chunk, N - i);
-    at::Tensor in = pixels.slice(0, i, i + b).to(I.device, at::kFloat).contiguous();
-    auto out = Impl::run(l, {in}, "vision encoder");
-    const at::Tensor y = out.empty() ? at::Tensor() : out[0];
-    if (!y.defined() || y.sizes() != at::IntArrayRef({b, m.vision.tokens, m.vision.hidden_size})) {
-      I.bad_output("the vision encoder", y, "[" + std::to_string(b) + ", " + std::to_string(m.vision.tokens) +
-                                                ", " + std::to_string(m.vision.hidden_size) + "]");
-    }
-    embeds.push_back(y.to(at::kCPU, at::kFloat));  // waits for the device
-  }
-  if (timings) timings->vq_ms += ms_since(t0);
-  return embeds.size() == 1 ? embeds[0].contiguous() : at::cat(embeds, 0);
+  return I.chunked(l, kVisionPart, pixels, at::kFloat, {m.vision.tokens, m.vision.hidden_size},
+                   at::ScalarType::Undefined, at::kFloat, "vision encoder", timings);
 }
 
 }  // namespace fastjanus
